@@ -1,0 +1,44 @@
+"""Small fakes with real behaviour for the handler's seams; they record what happened."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from worker.errors import TokenUnavailable
+from worker.invite import GraphAccepted, InviteRequest
+
+
+class FakeTokens:
+    def __init__(self, *, refuse: set[str] | None = None) -> None:
+        self.refuse = refuse or set()
+        self.requests: list[str] = []
+
+    async def token(self, tenant_id: str) -> str:
+        self.requests.append(tenant_id)
+        if tenant_id in self.refuse:
+            raise TokenUnavailable("unauthorized_client", "consent was revoked")
+        return f"token-for-{tenant_id}"
+
+
+class FakeGraph:
+    """Accepts every invite after `latency` seconds, tracking how many overlap."""
+
+    def __init__(self, latency: float = 0.0) -> None:
+        self.latency = latency
+        self.sent: list[tuple[InviteRequest, str]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def invite(
+        self, request: InviteRequest, token: str, on_sent: Callable[[], None]
+    ) -> GraphAccepted:
+        self.sent.append((request, token))
+        on_sent()
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.latency)
+        finally:
+            self.in_flight -= 1
+        return GraphAccepted("op-1", "Running", "https://graph/op-1", "req-1", 200)

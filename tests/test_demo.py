@@ -1,0 +1,88 @@
+"""The README's main command: the real worker process, end to end, and what it logs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(180)
+def test_demo_runs_the_examples_through_the_worker_process_and_exits_0(
+    rabbitmq: str, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "worker.log"
+    result = subprocess.run(  # noqa: S603 - our own interpreter and module
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "demo",
+            "--amqp-url",
+            rabbitmq,
+            "--worker-log",
+            str(log_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("outcome invite.accepted") == 5
+    assert result.stdout.count("outcome invite.rejected") == 1
+    assert "exited 0 after SIGTERM" in result.stdout
+
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    settled = [line for line in lines if line["event"] == "command.settled"]
+    assert len(settled) == 6
+    for line in settled:
+        for field in (
+            "command_id",
+            "call_id",
+            "tenant_id",
+            "outcome",
+            "http_status",
+            "request_id",
+            "attempts",
+            "duration_ms",
+        ):
+            assert field in line
+    accepted = [line for line in settled if line["outcome"] == "invite.accepted"]
+    assert {line["http_status"] for line in accepted} == {200}
+    assert all(line["request_id"] for line in accepted)
+
+    text = log_path.read_text()
+    assert "+12345678901" not in text
+    assert "demo-client-secret" not in text
+    assert "Bearer" not in text
+    assert "guest:guest" not in text
+
+
+def test_version_is_printed_by_the_console_entry_point() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "--version"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("invite-worker ")
+
+
+def test_run_refuses_invalid_settings_naming_the_variable_but_not_its_value() -> None:
+    env = {"PATH": "/usr/bin:/bin", "GRAPH_BASE_URL": "http://graph.example/v1.0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "GRAPH_BASE_URL" in result.stderr
+    assert "graph.example" not in result.stderr

@@ -1,0 +1,73 @@
+"""The published JSON Schemas match the models, and the examples and events follow them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from worker import outcomes, schemas
+from worker.errors import DeadlinePassed, GraphRefused, InvalidCommand, Problem, TokenUnavailable
+from worker.messages import parse_command
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def load(name: str) -> dict[str, object]:
+    schema: dict[str, object] = json.loads((SCHEMAS / name).read_text())
+    return schema
+
+
+def test_schema_files_are_what_the_models_generate() -> None:
+    assert schemas.drifted(SCHEMAS) == [], "run `invite-worker schemas` and commit the result"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((SCHEMAS / "examples").glob("*.json")), ids=lambda p: p.stem
+)
+def test_every_example_command_follows_the_command_schema(path: Path) -> None:
+    jsonschema.validate(json.loads(path.read_text()), load("command.schema.json"))
+
+
+def test_the_command_schema_rejects_a_call_id_that_could_change_the_path() -> None:
+    example = json.loads(next((SCHEMAS / "examples").glob("*.json")).read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(dict(example, callId="a/../b"), load("command.schema.json"))
+
+
+def test_each_kind_of_outcome_event_follows_its_schema() -> None:
+    example = (SCHEMAS / "examples" / "example-4-invite-pstn-participant.json").read_bytes()
+    command = parse_command(example, content_type=None, default_tenant_id="t", max_bytes=65536)
+    common: dict[str, Any] = {"attempts": 1, "duration_ms": 1.5, "source": "urn:test"}
+    events = [
+        outcomes.accepted(
+            command,
+            operation_id="op",
+            operation_status="Running",
+            location="https://g/op",
+            request_id="r",
+            client_request_id=command.command_id,
+            **common,
+        ),
+        outcomes.from_error(
+            GraphRefused(403, "Forbidden", "no", "r"), command, client_request_id="c", **common
+        ),
+        outcomes.from_error(
+            TokenUnavailable("invalid_client", "bad secret"),
+            command,
+            client_request_id=None,
+            **common,
+        ),
+        outcomes.from_error(
+            InvalidCommand([Problem("callId", "bad")], command={"commandId": "x"}),
+            None,
+            client_request_id=None,
+            **common,
+        ),
+        outcomes.from_error(DeadlinePassed("late"), command, client_request_id=None, **common),
+    ]
+    for event in events:
+        jsonschema.validate(json.loads(event.to_json()), load(f"{event.type.value}.schema.json"))

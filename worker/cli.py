@@ -1,0 +1,92 @@
+"""The `invite-worker` command line: run the worker, the Graph simulator, the demo, schemas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from worker import __version__
+
+
+def _run(_args: argparse.Namespace) -> int:
+    from worker import lifecycle, logs  # noqa: PLC0415 - keep `--version` and `schemas` light
+    from worker.settings import Settings  # noqa: PLC0415
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # Settings errors name the variable; their input is not echoed (it may be a secret).
+        for error in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            print(f"invalid setting {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    return asyncio.run(lifecycle.run(settings))
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from worker import simulator  # noqa: PLC0415
+
+    return asyncio.run(simulator.run_from_args(args))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker import demo  # noqa: PLC0415
+
+    return demo.main(amqp_url=args.amqp_url, examples=args.examples, worker_log=args.worker_log)
+
+
+def _schemas(args: argparse.Namespace) -> int:
+    from worker import schemas  # noqa: PLC0415
+
+    if args.check:
+        drifted = schemas.drifted(args.directory)
+        for name in drifted:
+            print(f"{args.directory / name} differs from the models", file=sys.stderr)
+        return 1 if drifted else 0
+    for path in schemas.write(args.directory):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="invite-worker",
+        description="Invite participants to Microsoft Teams calls from RabbitMQ commands.",
+    )
+    parser.add_argument("--version", action="version", version=f"invite-worker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the worker (configured by environment variables)")
+    run.set_defaults(handler=_run)
+
+    sim = commands.add_parser("simulator", help="run the local HTTPS Graph and Entra ID simulator")
+    from worker import simulator  # noqa: PLC0415
+
+    simulator.add_arguments(sim)
+    sim.set_defaults(handler=_simulator)
+
+    demo = commands.add_parser(
+        "demo", help="run the simulator and a worker, publish the example commands, print outcomes"
+    )
+    demo.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    demo.add_argument("--examples", type=Path, default=Path("schemas/examples"))
+    demo.add_argument("--worker-log", type=Path, help="keep the worker's log lines in this file")
+    demo.set_defaults(handler=_demo)
+
+    schema = commands.add_parser("schemas", help="write (or --check) the JSON Schemas")
+    schema.add_argument("--directory", type=Path, default=Path("schemas"))
+    schema.add_argument("--check", action="store_true", help="exit 1 if the files have drifted")
+    schema.set_defaults(handler=_schemas)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.handler(args)
+    return code

@@ -1,0 +1,180 @@
+"""`invite-worker demo`: the whole job on one machine, end to end, in under a minute.
+
+Starts the Graph simulator, starts the real worker process (`invite-worker run`) pointed at
+it and at the local RabbitMQ, publishes the Graph document's five examples and one invalid
+command, prints each outcome event as it arrives, stops the worker with SIGTERM and exits 0
+when every command got the outcome it should.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+import aio_pika
+
+from worker.simulator import SimulatorThread
+
+TENANT = "8a1c1f43-6b7e-4b38-9b7d-5c2a3e4f5a6b"
+CLIENT_ID = "3f5d2c1b-0a9e-4d8c-b7a6-1e2f3a4b5c6d"
+_TIMEOUT = 60.0
+
+
+def main(*, amqp_url: str, examples: Path, worker_log: Path | None = None) -> int:
+    return asyncio.run(_demo(amqp_url, examples, worker_log))
+
+
+def _commands(examples: Path) -> list[tuple[str, bytes, str]]:
+    """(name, body, expected routing key) for every command the demo publishes."""
+    commands = [
+        (path.stem, path.read_bytes(), "invite.accepted")
+        for path in sorted(examples.glob("*.json"))
+    ]
+    commands += [
+        (f"rejected/{path.stem}", path.read_bytes(), "invite.rejected")
+        for path in sorted((examples / "rejected").glob("*.json"))
+    ]
+    return commands
+
+
+async def _demo(amqp_url: str, examples: Path, worker_log: Path | None) -> int:
+    commands = _commands(examples)
+    if not commands:
+        print(f"no example commands in {examples}", file=sys.stderr)
+        return 1
+    try:
+        connection = await aio_pika.connect(amqp_url, timeout=10)
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        print(
+            f"RabbitMQ is not reachable at {amqp_url}: {exc} (`make demo` starts it)",
+            file=sys.stderr,
+        )
+        return 1
+    prefix = f"demo-{uuid.uuid4().hex[:8]}"
+    queue_name, exchange_name = f"{prefix}.invite.commands", f"{prefix}.invite.outcomes"
+    with tempfile.TemporaryDirectory() as tmp, SimulatorThread(directory=Path(tmp)) as sim:
+        log_path = worker_log or Path(tmp) / "worker.log"
+        env = {
+            **os.environ,
+            "AMQP_URL": amqp_url,
+            "COMMAND_QUEUE": queue_name,
+            "OUTCOME_EXCHANGE": exchange_name,
+            "GRAPH_BASE_URL": sim.graph_base_url,
+            "AZURE_AUTHORITY_HOST": sim.authority_host,
+            "AZURE_TENANT_ID": TENANT,
+            "AZURE_CLIENT_ID": CLIENT_ID,
+            "AZURE_CLIENT_SECRET": "demo-client-secret",
+            "SSL_CERT_FILE": str(sim.ca_file),
+            "REQUESTS_CA_BUNDLE": str(sim.ca_file),
+            "LOG_FORMAT": "json",
+        }
+        env.pop("AZURE_CLIENT_CERTIFICATE_PATH", None)
+        print(f"simulator: {sim.base_url} (CA {sim.ca_file})")
+        with log_path.open("w") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "worker", "run"], env=env, stdout=log_file, stderr=log_file
+            )
+            try:
+                ok = await _run(connection, worker, log_path, prefix, commands)
+            finally:
+                code = _stop(worker)
+                await _clean_up(connection, prefix)
+        print(f"worker: exited {code} after SIGTERM; its JSON log lines are in {log_path}")
+        _print_settled_lines(log_path)
+        tokens = len(sim.token_requests)
+        print(f"graph simulator saw {len(sim.invites)} invites and {tokens} token request(s)")
+    return 0 if ok and code == 0 else 1
+
+
+async def _run(
+    connection: aio_pika.abc.AbstractConnection,
+    worker: subprocess.Popen[bytes],
+    log_path: Path,
+    prefix: str,
+    commands: list[tuple[str, bytes, str]],
+) -> bool:
+    queue_name, exchange_name = f"{prefix}.invite.commands", f"{prefix}.invite.outcomes"
+    if not await _wait_ready(worker, log_path):
+        print("worker: did not become ready; its log:", file=sys.stderr)
+        print(log_path.read_text(), file=sys.stderr)
+        return False
+    channel = await connection.channel()
+    exchange = await channel.get_exchange(exchange_name)
+    outcomes = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await outcomes.bind(exchange, routing_key="#")
+    names: dict[str, tuple[str, str]] = {}
+    for name, body, expected in commands:
+        command_id = json.loads(body).get("commandId")
+        names[command_id] = (name, expected)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=queue_name,
+        )
+        print(f"published {name}  commandId={command_id}")
+    ok = True
+    async with outcomes.iterator(timeout=_TIMEOUT) as messages:
+        async for message in messages:
+            await message.ack()
+            event = json.loads(message.body)
+            name, expected = names.pop(event["data"]["commandId"], ("?", "?"))
+            mark = "ok" if message.routing_key == expected else f"EXPECTED {expected}"
+            ok = ok and message.routing_key == expected
+            print(f"\noutcome {message.routing_key} for {name} [{mark}]")
+            print(json.dumps(_summary(event), indent=2))
+            if not names:
+                break
+    if names:
+        print(f"no outcome for: {', '.join(n for n, _ in names.values())}", file=sys.stderr)
+    return ok and not names
+
+
+def _summary(event: dict[str, Any]) -> dict[str, Any]:
+    keep = ("specversion", "type", "source", "subject", "time")
+    return {**{k: event[k] for k in keep}, "data": event["data"]}
+
+
+async def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path) -> bool:
+    deadline = time.monotonic() + _TIMEOUT
+    while time.monotonic() < deadline and worker.poll() is None:
+        if '"worker.ready"' in log_path.read_text():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> int | None:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+    try:
+        return worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        return None
+
+
+async def _clean_up(connection: aio_pika.abc.AbstractConnection, prefix: str) -> None:
+    channel = await connection.channel()
+    for queue in ("invite.commands", "invite.commands.dead", "invite.outcomes.unrouted"):
+        await channel.queue_delete(f"{prefix}.{queue}")
+    for exchange in ("invite.outcomes", "invite.commands.dlx", "invite.outcomes.unrouted"):
+        await channel.exchange_delete(f"{prefix}.{exchange}")
+    await connection.close()
+
+
+def _print_settled_lines(log_path: Path, out: IO[str] = sys.stdout) -> None:
+    for line in log_path.read_text().splitlines():
+        if '"command.settled"' in line:
+            print(f"  {line}", file=out)

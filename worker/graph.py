@@ -1,0 +1,85 @@
+"""The Graph client: sends an `InviteRequest` over HTTPS with httpx.
+
+The one place where httpx's exceptions become the worker's: anything that fails before
+the request could reach Graph is `GraphUnreachable`; anything that fails after it was sent
+(Graph may have acted) is `GraphNoAnswer`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from worker import __version__
+from worker.errors import GraphNoAnswer, GraphUnreachable
+from worker.invite import GraphAccepted, InviteRequest, interpret
+from worker.settings import Settings
+
+
+def _nothing() -> None:
+    return None
+
+
+class GraphClient:
+    """Posts invites to `GRAPH_BASE_URL`; the transport is injectable for tests."""
+
+    def __init__(
+        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        ca_file = settings.graph_ca_file
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        )
+        slots = settings.graph_max_in_flight
+        self._client = httpx.AsyncClient(
+            base_url=settings.graph_base_url,
+            verify=verify,
+            transport=transport,
+            timeout=httpx.Timeout(
+                settings.graph_read_timeout,
+                connect=settings.graph_connect_timeout,
+                pool=settings.graph_connect_timeout,
+            ),
+            limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+            headers={"user-agent": f"invite-worker/{__version__}"},
+            # Trust and proxies come from Settings, not from whatever the environment holds.
+            trust_env=False,
+        )
+
+    async def invite(
+        self, request: InviteRequest, token: str, on_sent: Callable[[], None] = _nothing
+    ) -> GraphAccepted:
+        async def trace(event: str, _info: dict[str, Any]) -> None:
+            if event.endswith("send_request_body.complete"):
+                on_sent()
+
+        headers = {
+            "authorization": f"Bearer {token}",
+            "content-type": "application/json",
+            "client-request-id": request.client_request_id,
+        }
+        try:
+            response = await self._client.post(
+                request.path,
+                content=request.body,
+                headers=headers,
+                # httpcore reports when the request body is written: the moment that counts
+                # against Graph's rate limits.
+                extensions={"trace": trace},
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise GraphUnreachable(f"{type(exc).__name__}: the request was not sent") from None
+        except (httpx.WriteError, httpx.WriteTimeout) as exc:
+            # Graph cannot act on a request body it did not receive whole.
+            raise GraphUnreachable(f"{type(exc).__name__}: the request was not sent") from None
+        except httpx.TransportError as exc:
+            raise GraphNoAnswer(
+                f"{type(exc).__name__}: the request was sent and no answer came back"
+            ) from None
+        return interpret(response.status_code, response.headers, response.content)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,85 @@
+"""Logging: structlog to stdout, JSON lines for log aggregation, readable on a terminal.
+
+Libraries that use the standard `logging` module (aio-pika, MSAL, httpx) go through the
+same renderer, so every line on stdout has the same shape. A last processor masks what
+must never reach a log line, whoever wrote the line: secrets by key, phone numbers by shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SECRET_KEYS = re.compile(r"token|secret|password|passphrase|authorization|credential", re.I)
+# E.164 numbers: keep the last three digits so that an operator can tell two apart.
+_PHONE = re.compile(r"(?<![\w+])\+[1-9]\d{6,14}(?!\d)")
+
+
+def _mask_phone(match: re.Match[str]) -> str:
+    return f"+***{match.group(0)[-3:]}"
+
+
+def redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return _PHONE.sub(_mask_phone, value)
+    if isinstance(value, dict):
+        return {
+            k: "[redacted]" if _SECRET_KEYS.search(str(k)) else redact(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
+def redact_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in event_dict.items():
+        if _SECRET_KEYS.search(key):
+            event_dict[key] = "[redacted]"
+        elif isinstance(value, str | dict | list | tuple):
+            event_dict[key] = redact(value)
+    return event_dict
+
+
+def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Set up structlog and the standard library's logging once, at start-up."""
+    stream = stream or sys.stdout
+    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_processor,
+    ]
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+            ],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Libraries speak up only when something is wrong; MSAL at DEBUG would log token details.
+    root.setLevel(logging.WARNING)

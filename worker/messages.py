@@ -1,0 +1,259 @@
+"""The command contract: what upstream systems publish, and how a raw message becomes a command.
+
+Everything here is pure: it takes bytes and headers and returns a `Command` or raises
+`InvalidCommand` with every problem found, field by field. The participants are validated
+against Graph's rules but forwarded exactly as received, so Graph's open shapes
+(`@odata.type` annotations, an identity's extra properties) reach it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from worker.errors import InvalidCommand, Problem
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# A Graph call id goes into the request path: only characters that cannot change the path
+# (no "/", "?", "#", "%", "\"), and no ".." segment.
+_CALL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,254}$")
+_E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+_JSON_CONTENT_TYPES = frozenset({"application/json", "text/json"})
+#: Problems reported per command; a hostile body cannot make the outcome event huge.
+MAX_PROBLEMS = 20
+_MAX_LOCATION = 120
+
+_OPEN = ConfigDict(extra="allow", strict=True, populate_by_name=False, frozen=True)
+
+
+class Identity(BaseModel):
+    """Graph `identity`; extra properties such as `tenantId` and `identityProvider` pass."""
+
+    model_config = _OPEN
+    odata_type: str | None = Field(None, alias="@odata.type")
+    id: str | None = Field(None, max_length=256)
+    display_name: str | None = Field(None, alias="displayName", max_length=256)
+
+
+class IdentitySet(BaseModel):
+    """Graph `identitySet`: who is invited."""
+
+    model_config = _OPEN
+    odata_type: str | None = Field(None, alias="@odata.type")
+    user: Identity | None = None
+    application: Identity | None = None
+    application_instance: Identity | None = Field(None, alias="applicationInstance")
+    device: Identity | None = None
+    phone: Identity | None = None
+    guest: Identity | None = None
+    encrypted: Identity | None = None
+    on_premises: Identity | None = Field(None, alias="onPremises")
+
+    @field_validator("phone")
+    @classmethod
+    def _phone_is_e164(cls, phone: Identity | None) -> Identity | None:
+        if phone is not None and (phone.id is None or not _E164.fullmatch(phone.id)):
+            raise ValueError("phone id must be an E.164 number: + then up to 15 digits")
+        return phone
+
+    @model_validator(mode="after")
+    def _names_someone(self) -> IdentitySet:
+        named = [k for k in type(self).model_fields if k != "odata_type" and getattr(self, k)]
+        if not named and not self.model_extra:
+            raise ValueError("identity must name who is invited (user, phone, application, ...)")
+        return self
+
+
+class InvitationParticipantInfo(BaseModel):
+    """Graph `invitationParticipantInfo`, one person or bot to invite."""
+
+    model_config = _OPEN
+    odata_type: str | None = Field(None, alias="@odata.type")
+    identity: IdentitySet
+    hidden: bool | None = None
+    participant_id: str | None = Field(None, alias="participantId", max_length=256)
+    remove_from_default_audio_routing_group: bool | None = Field(
+        None, alias="removeFromDefaultAudioRoutingGroup"
+    )
+    replaces_call_id: str | None = Field(None, alias="replacesCallId", max_length=256)
+    endpoint_type: str | None = Field(None, alias="endpointType")
+
+
+class InviteCommand(BaseModel):
+    """An "invite participants to this call" command, as upstream systems publish it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        title="InviteCommand",
+    )
+    command_id: str = Field(
+        alias="commandId",
+        description="UUID naming this command; also the AMQP message_id when one is set.",
+        json_schema_extra={"format": "uuid"},
+    )
+    call_id: str = Field(
+        alias="callId",
+        description="The Graph call id; it goes into the request path.",
+        pattern=_CALL_ID.pattern,
+    )
+    tenant_id: str | None = Field(
+        None,
+        alias="tenantId",
+        description="Entra tenant of the call; AZURE_TENANT_ID when absent.",
+        json_schema_extra={"format": "uuid"},
+    )
+    client_context: str | None = Field(
+        None,
+        alias="clientContext",
+        min_length=1,
+        max_length=256,
+        description="Graph's clientContext; the commandId when absent.",
+    )
+    participants: list[InvitationParticipantInfo] = Field(min_length=1, max_length=5)
+    deadline: AwareDatetime | None = Field(
+        None,
+        strict=False,
+        description="RFC 3339 time with offset; after it, Graph is not called.",
+    )
+
+    @field_validator("command_id", "tenant_id")
+    @classmethod
+    def _uuid(cls, value: str | None) -> str | None:
+        if value is not None and not _UUID.fullmatch(value):
+            raise ValueError("must be a UUID")
+        return value
+
+    @field_validator("call_id")
+    @classmethod
+    def _no_dot_segments(cls, value: str) -> str:
+        if ".." in value:
+            raise ValueError("must not contain '..'")
+        return value
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _deadline_is_text(cls, value: object) -> object:
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be an RFC 3339 time string")
+        return value
+
+    @field_validator("participants")
+    @classmethod
+    def _one_participant_when_replacing_or_moving(
+        cls, participants: list[InvitationParticipantInfo]
+    ) -> list[InvitationParticipantInfo]:
+        if len(participants) > 1 and any(
+            p.replaces_call_id is not None or p.participant_id is not None for p in participants
+        ):
+            raise ValueError(
+                "replacesCallId and participantId allow exactly one participant; "
+                "Graph would silently ignore the others"
+            )
+        return participants
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A validated command, defaults resolved, participants kept as received."""
+
+    command_id: str
+    call_id: str
+    tenant_id: str
+    client_context: str
+    participants: list[Any]
+    deadline: datetime | None
+
+
+def parse_command(
+    body: bytes,
+    *,
+    content_type: str | None,
+    default_tenant_id: str,
+    max_bytes: int,
+) -> Command:
+    """Turn an untrusted message body into a `Command`, or raise `InvalidCommand`.
+
+    The AMQP message_id is not compared with the commandId: many client libraries set a
+    message_id of their own, and the body is the contract.
+    """
+    raw = _decode(body, content_type=content_type, max_bytes=max_bytes)
+    try:
+        model = InviteCommand.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidCommand(_problems(exc), command=raw) from None
+    return Command(
+        command_id=model.command_id,
+        call_id=model.call_id,
+        tenant_id=(model.tenant_id or default_tenant_id).lower(),
+        client_context=model.client_context or model.command_id,
+        participants=raw["participants"],
+        deadline=model.deadline,
+    )
+
+
+def _decode(body: bytes, *, content_type: str | None, max_bytes: int) -> dict[str, Any]:
+    if content_type:
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type not in _JSON_CONTENT_TYPES:
+            raise InvalidCommand([Problem("(message)", "content type must be application/json")])
+    if len(body) > max_bytes:
+        raise InvalidCommand(
+            [Problem("(message)", f"body is {len(body)} bytes; the limit is {max_bytes}")]
+        )
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidCommand([Problem("(message)", "body is not UTF-8")]) from None
+    try:
+        raw = json.loads(text)
+    except RecursionError:
+        raise InvalidCommand([Problem("(message)", "body is nested too deeply")]) from None
+    except ValueError as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "invalid JSON"
+        raise InvalidCommand([Problem("(message)", f"body is not JSON: {reason}")]) from None
+    if not isinstance(raw, dict):
+        raise InvalidCommand([Problem("(message)", "body must be a JSON object")])
+    return raw
+
+
+def _problems(exc: ValidationError) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False)[
+        :MAX_PROBLEMS
+    ]:
+        problems.append(Problem(_location(error["loc"]), _message(error)))
+    return problems
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    text = text or "(body)"
+    return text if len(text) <= _MAX_LOCATION else text[: _MAX_LOCATION - 1] + "…"
+
+
+def _message(error: Any) -> str:
+    if error["type"] == "string_pattern_mismatch":
+        return "has characters that are not allowed (letters, digits and . _ ~ - only)"
+    message: str = error["msg"]
+    # Pydantic's "Value error, must be a UUID" reads better without its prefix.
+    return message.removeprefix("Value error, ")

@@ -1,0 +1,161 @@
+"""The worker's configuration: one object, read from the environment once at start-up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Hosts of Microsoft's own Entra ID clouds; any other authority host (a sovereign cloud
+#: reached through a custom name, the simulator) needs MSAL's instance discovery turned off.
+MICROSOFT_AUTHORITY_HOSTS = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.microsoftonline.us",
+        "login.chinacloudapi.cn",
+        "login.microsoft.com",
+        "login.windows.net",
+        "login.partner.microsoftonline.cn",
+    }
+)
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+
+
+class Settings(BaseSettings):
+    """Every setting the worker reads; each has a default that works on a developer's machine."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # --- RabbitMQ -------------------------------------------------------------------------
+    amqp_url: SecretStr = Field(
+        SecretStr("amqp://guest:guest@127.0.0.1:5672/"), validation_alias="AMQP_URL"
+    )
+    command_queue: str = Field("invite.commands", validation_alias="COMMAND_QUEUE")
+    outcome_exchange: str = Field("invite.outcomes", validation_alias="OUTCOME_EXCHANGE")
+    #: Quorum-queue delivery limit: a command redelivered more often is dead-lettered.
+    delivery_limit: int = Field(20, ge=1, le=1000, validation_alias="COMMAND_DELIVERY_LIMIT")
+    #: Largest command body accepted; bigger ones are rejected unread.
+    max_command_bytes: int = Field(
+        65_536, ge=1024, le=16 * 1024 * 1024, validation_alias="MAX_COMMAND_BYTES"
+    )
+
+    # --- Microsoft Graph ------------------------------------------------------------------
+    graph_base_url: str = Field(
+        "https://graph.microsoft.com/v1.0", validation_alias="GRAPH_BASE_URL"
+    )
+    #: Graph requests in flight at once in one worker process; the AMQP prefetch follows it.
+    graph_max_in_flight: int = Field(32, ge=1, le=1024, validation_alias="GRAPH_MAX_IN_FLIGHT")
+    #: Invite requests per tenant in any one-second window, per worker process.
+    graph_tenant_rate_limit: int = Field(
+        100, ge=1, le=3000, validation_alias="GRAPH_TENANT_RATE_LIMIT"
+    )
+    #: Seconds to connect to Graph, and to wait for its answer once the request is sent.
+    graph_connect_timeout: float = Field(5.0, gt=0, validation_alias="GRAPH_CONNECT_TIMEOUT")
+    graph_read_timeout: float = Field(15.0, gt=0, validation_alias="GRAPH_READ_TIMEOUT")
+
+    # --- Entra ID (the Azure SDK's own variable names) ------------------------------------
+    azure_tenant_id: str = Field(
+        "00000000-0000-0000-0000-000000000000", validation_alias="AZURE_TENANT_ID"
+    )
+    azure_client_id: str = Field(
+        "00000000-0000-0000-0000-000000000000", validation_alias="AZURE_CLIENT_ID"
+    )
+    azure_client_secret: SecretStr | None = Field(None, validation_alias="AZURE_CLIENT_SECRET")
+    azure_client_certificate_path: Path | None = Field(
+        None, validation_alias="AZURE_CLIENT_CERTIFICATE_PATH"
+    )
+    azure_client_certificate_password: SecretStr | None = Field(
+        None, validation_alias="AZURE_CLIENT_CERTIFICATE_PASSWORD"
+    )
+    azure_authority_host: str = Field(
+        "https://login.microsoftonline.com", validation_alias="AZURE_AUTHORITY_HOST"
+    )
+
+    # --- TLS trust: the standard variables, read here so that nothing else reads them -----
+    ssl_cert_file: Path | None = Field(None, validation_alias="SSL_CERT_FILE")
+    requests_ca_bundle: Path | None = Field(None, validation_alias="REQUESTS_CA_BUNDLE")
+
+    # --- Process --------------------------------------------------------------------------
+    #: Seconds that in-flight commands get to finish after SIGTERM.
+    shutdown_grace_period: float = Field(25.0, ge=0, validation_alias="SHUTDOWN_GRACE_PERIOD")
+    log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+    #: "json", "console", or "auto" (console on a terminal, JSON otherwise).
+    log_format: str = Field("auto", validation_alias="LOG_FORMAT")
+    #: CloudEvents `source` of every outcome event.
+    event_source: str = Field("urn:invite-worker", validation_alias="EVENT_SOURCE")
+
+    @field_validator("command_queue", "outcome_exchange")
+    @classmethod
+    def _amqp_name(cls, value: str) -> str:
+        if not _QUEUE_NAME.fullmatch(value):
+            raise ValueError("use letters, digits and . _ : - only (at most 200)")
+        return value
+
+    @field_validator("graph_base_url", "azure_authority_host")
+    @classmethod
+    def _https_url(cls, value: str) -> str:
+        if urlsplit(value).scheme != "https":
+            raise ValueError("must be an https URL")
+        return value.rstrip("/")
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value not in {"json", "console", "auto"}:
+            raise ValueError("must be json, console or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Settings:
+        if self.azure_client_secret is not None and self.azure_client_certificate_path:
+            raise ValueError("set AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH, not both")
+        return self
+
+    @property
+    def prefetch_count(self) -> int:
+        """Unacknowledged commands the broker hands this process.
+
+        Twice the in-flight limit: every Graph slot has a command ready behind it, while the
+        backlog stays in the broker, where other pods can take it.
+        """
+        return 2 * self.graph_max_in_flight
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.command_queue}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.command_queue}.dead"
+
+    @property
+    def unrouted_outcome_queue(self) -> str:
+        """Where outcomes that match no binding are kept instead of being dropped."""
+        return f"{self.outcome_exchange}.unrouted"
+
+    @property
+    def authority_is_microsoft(self) -> bool:
+        return urlsplit(self.azure_authority_host).hostname in MICROSOFT_AUTHORITY_HOSTS
+
+    @property
+    def graph_ca_file(self) -> Path | None:
+        """The CA bundle that Graph's certificate must chain to (None: the system's)."""
+        return self.ssl_cert_file
+
+    @property
+    def token_ca_file(self) -> Path | None:
+        """The CA bundle for Entra ID, as `requests` would choose it."""
+        return self.requests_ca_bundle or self.ssl_cert_file
+
+    def redacted_amqp_url(self) -> str:
+        """The broker URL without its password, for log lines."""
+        parts = urlsplit(self.amqp_url.get_secret_value())
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}:***@" if parts.username else ""
+        return urlunsplit((parts.scheme, user + host, parts.path, "", ""))

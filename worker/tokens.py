@@ -1,0 +1,173 @@
+"""App-only tokens for Microsoft Graph from Entra ID, through MSAL.
+
+MSAL is synchronous (it uses `requests`), so every call into it runs in a worker thread,
+never on the event loop. One `ConfidentialClientApplication` per tenant is built on first
+use and kept; a per-tenant lock lets one caller refresh a tenant's token while the others
+wait for its result. Tokens are held here until shortly before MSAL itself would refresh
+them, so that the usual request takes its token without leaving the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import msal
+
+from worker.errors import TokenUnavailable
+from worker.settings import Settings
+
+GRAPH_SCOPES = ["https://graph.microsoft.com/.default"]
+# MSAL serves a cached token until five minutes before it expires; refreshing here at the
+# same point means the token handed out is always one MSAL would still hand out.
+_REFRESH_BEFORE_EXPIRY = 300.0
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.DOTALL)
+
+
+class TokenProvider(Protocol):
+    """Hands out a bearer token for a tenant, or raises `TokenUnavailable`."""
+
+    async def token(self, tenant_id: str) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    value: str
+    refresh_at: float
+
+
+def client_credential(settings: Settings) -> str | dict[str, str]:
+    """MSAL's `client_credential` from the Azure SDK's environment variables."""
+    if settings.azure_client_certificate_path is not None:
+        pem = settings.azure_client_certificate_path.read_text()
+        blocks = {m.group(1): m.group(0) for m in _PEM_BLOCK.finditer(pem)}
+        key = next((v for k, v in blocks.items() if k.endswith("PRIVATE KEY")), None)
+        certificate = blocks.get("CERTIFICATE")
+        if key is None or certificate is None:
+            raise ValueError(
+                "AZURE_CLIENT_CERTIFICATE_PATH must hold a PEM certificate and its private key"
+            )
+        # With the certificate given, MSAL computes its SHA-256 thumbprint itself.
+        credential = {"private_key": key, "public_certificate": certificate}
+        if settings.azure_client_certificate_password is not None:
+            credential["passphrase"] = settings.azure_client_certificate_password.get_secret_value()
+        return credential
+    if settings.azure_client_secret is not None:
+        return settings.azure_client_secret.get_secret_value()
+    raise ValueError("set AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH")
+
+
+class MsalHttpClient:
+    """MSAL's HTTP seam, on httpx: trust and timeouts come from Settings alone.
+
+    MSAL's default `requests` session lets REQUESTS_CA_BUNDLE from the environment override
+    the CA it was given; this client trusts exactly the bundle the settings name.
+    """
+
+    def __init__(self, *, ca_file: str | None, timeout: float) -> None:
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=ca_file) if ca_file else True
+        )
+        self._client = httpx.Client(verify=verify, timeout=timeout, trust_env=False)
+
+    def post(
+        self,
+        url: str,
+        params: dict[str, str] | None = None,
+        data: dict[str, str] | str | None = None,
+        headers: dict[str, str] | None = None,
+        **_: Any,
+    ) -> httpx.Response:
+        if isinstance(data, str):
+            return self._client.post(url, params=params, content=data, headers=headers)
+        return self._client.post(url, params=params, data=data, headers=headers)
+
+    def get(
+        self,
+        url: str,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        **_: Any,
+    ) -> httpx.Response:
+        return self._client.get(url, params=params, headers=headers)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class MsalTokenProvider:
+    """Tokens for any number of tenants of one multi-tenant app registration."""
+
+    def __init__(self, settings: Settings, *, clock: Any = time.monotonic) -> None:
+        self._client_id = settings.azure_client_id
+        self._credential = client_credential(settings)
+        self._authority_host = settings.azure_authority_host
+        self._instance_discovery = settings.authority_is_microsoft
+        ca_file = settings.token_ca_file
+        self._http = MsalHttpClient(
+            ca_file=str(ca_file) if ca_file else None,
+            timeout=settings.graph_connect_timeout + settings.graph_read_timeout,
+        )
+        self._clock = clock
+        self._apps: dict[str, Any] = {}
+        self._tokens: dict[str, _Token] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        #: Requests that went to MSAL (not those served from this cache), for metrics.
+        self.acquisitions = 0
+
+    async def token(self, tenant_id: str) -> str:
+        cached = self._tokens.get(tenant_id)
+        if cached is not None and self._clock() < cached.refresh_at:
+            return cached.value
+        lock = self._locks.setdefault(tenant_id, asyncio.Lock())
+        async with lock:
+            cached = self._tokens.get(tenant_id)
+            if cached is not None and self._clock() < cached.refresh_at:
+                return cached.value
+            self.acquisitions += 1
+            result = await asyncio.to_thread(self._acquire, tenant_id)
+            token = result["access_token"]
+            expires_in = float(result.get("expires_in", 0))
+            lifetime = max(expires_in - _REFRESH_BEFORE_EXPIRY, expires_in / 2)
+            if "refresh_on" in result:
+                lifetime = min(lifetime, float(result["refresh_on"]) - time.time())
+            self._tokens[tenant_id] = _Token(token, self._clock() + max(lifetime, 0.0))
+            return str(token)
+
+    def _acquire(self, tenant_id: str) -> dict[str, Any]:
+        """Runs in a worker thread: MSAL blocks on network I/O."""
+        try:
+            app = self._apps.get(tenant_id)
+            if app is None:
+                app = msal.ConfidentialClientApplication(
+                    self._client_id,
+                    client_credential=self._credential,
+                    authority=f"{self._authority_host}/{tenant_id}",
+                    instance_discovery=self._instance_discovery,
+                    http_client=self._http,
+                )
+                self._apps[tenant_id] = app
+            result: dict[str, Any] = app.acquire_token_for_client(scopes=GRAPH_SCOPES)
+        except ValueError as exc:  # MSAL's word for a failed authority discovery
+            raise TokenUnavailable("authority_discovery_failed", _short(str(exc))) from None
+        except httpx.TransportError as exc:
+            raise TokenUnavailable("identity_provider_unreachable", type(exc).__name__) from None
+        if "access_token" not in result:
+            raise TokenUnavailable(
+                str(result.get("error", "unknown_error")),
+                _short(str(result.get("error_description", ""))),
+            )
+        return result
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _short(text: str, limit: int = 300) -> str:
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return first_line if len(first_line) <= limit else first_line[: limit - 1] + "…"
