@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.errors import InvalidCommand
 from worker.messages import Command, parse_command
@@ -124,3 +127,37 @@ def test_the_number_of_problems_reported_is_bounded() -> None:
 def test_long_unknown_field_names_are_shortened_in_problems() -> None:
     found = problems(base(**{"x" * 1000: 1}))
     assert all(len(field) <= 120 for field in found)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=300))
+def test_arbitrary_bytes_give_a_command_or_invalid_command_and_nothing_else(body: bytes) -> None:
+    with contextlib.suppress(InvalidCommand):
+        parse(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=json_values,
+    fields=st.dictionaries(
+        st.sampled_from(
+            ["commandId", "callId", "tenantId", "clientContext", "participants", "deadline"]
+        ),
+        json_values,
+    ),
+)
+def test_arbitrary_json_gives_a_command_or_invalid_command_and_nothing_else(
+    value: object, fields: dict[str, object]
+) -> None:
+    for body in (value, fields, base(**fields)):
+        with contextlib.suppress(InvalidCommand):
+            parse(json.dumps(body).encode())

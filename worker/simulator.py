@@ -123,10 +123,11 @@ ReadyCallback = Callable[["Simulator"], None]
 class FaultRule:
     """One scripted misbehaviour of the invite endpoint; the first matching rule wins.
 
-    A rule matches on ``call_id`` and ``tenant_id`` when given, and only ``remaining``
-    more times when that is not None. ``hang`` and ``reset`` end the exchange without
-    an answer; otherwise ``status`` picks a Graph error (else the normal answer), sent
-    after ``delay`` seconds.
+    A rule matches on ``call_id`` and ``tenant_id`` when given (the tenant is the one
+    the bearer token was issued for), and only ``remaining`` more times when that is not
+    None. ``hang`` reads the request and never answers; ``reset`` drops the connection
+    with a TCP reset after ``delay``; otherwise ``status`` picks a Graph error (else the
+    normal answer), sent after ``delay`` seconds plus the simulator's latency.
     """
 
     call_id: str | None = None
@@ -400,7 +401,8 @@ class Simulator:
     def _token(self, request: Request, tenant: str) -> Response:
         form = request.body.decode("utf-8", "replace")
         params: dict[str, str] = {}
-        if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        content_type = request.headers.get("content-type", "").lower()
+        if content_type.startswith("application/x-www-form-urlencoded"):
             for key, value in parse_qsl(form, keep_blank_values=True):
                 params.setdefault(key, value)
         try:

@@ -182,7 +182,9 @@ def encode_response(response: Response, *, keep_alive: bool, head: bool = False)
     if not keep_alive:
         lines.append("Connection: close")
     lines.append("\r\n")
-    encoded = "\r\n".join(lines).encode("latin-1")
+    # Header values come from parsed latin-1 requests or validated settings; "replace"
+    # only guards against a future caller passing something else.
+    encoded = "\r\n".join(lines).encode("latin-1", "replace")
     return encoded if head else encoded + response.body
 
 
@@ -227,7 +229,10 @@ def _parse_headers(lines: list[bytes]) -> dict[str, str]:
 
 def _parse_target(target: str) -> tuple[str, str]:
     if target.startswith(("http://", "https://")):
-        parts = urlsplit(target)
+        try:
+            parts = urlsplit(target)
+        except ValueError:
+            raise ProtocolError(400, "The request target is not a valid URL.") from None
         return parts.path or "/", parts.query
     if not target.startswith("/"):
         raise ProtocolError(400, "The request target must be a path.")
