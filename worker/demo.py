@@ -88,7 +88,7 @@ async def _demo(amqp_url: str, examples: Path, worker_log: Path | None) -> int:
             finally:
                 code = _stop(worker)
                 await _clean_up(connection, prefix)
-        print(f"worker: exited {code} after SIGTERM; its JSON log lines are in {log_path}")
+        print(f"worker: exited {code} after SIGTERM; its canonical log lines:")
         _print_settled_lines(log_path)
         tokens = len(sim.token_requests)
         print(f"graph simulator saw {len(sim.invites)} invites and {tokens} token request(s)")
