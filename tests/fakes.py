@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from worker.errors import TokenUnavailable
 from worker.invite import GraphAccepted, InviteRequest
@@ -13,6 +13,10 @@ class FakeTokens:
     def __init__(self, *, refuse: set[str] | None = None) -> None:
         self.refuse = refuse or set()
         self.requests: list[str] = []
+        self.invalidated: list[str] = []
+
+    async def invalidate(self, tenant_id: str) -> None:
+        self.invalidated.append(tenant_id)
 
     async def token(self, tenant_id: str) -> str:
         self.requests.append(tenant_id)
@@ -22,10 +26,14 @@ class FakeTokens:
 
 
 class FakeGraph:
-    """Accepts every invite after `latency` seconds, tracking how many overlap."""
+    """Accepts invites after `latency` seconds, tracking how many overlap.
 
-    def __init__(self, latency: float = 0.0) -> None:
+    `failures` are raised, in order, by the first requests, before Graph accepts.
+    """
+
+    def __init__(self, latency: float = 0.0, failures: Iterable[Exception] = ()) -> None:
         self.latency = latency
+        self.failures = list(failures)
         self.sent: list[tuple[InviteRequest, str]] = []
         self.in_flight = 0
         self.most_in_flight = 0
@@ -39,6 +47,8 @@ class FakeGraph:
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.latency)
+            if self.failures:
+                raise self.failures.pop(0)
         finally:
             self.in_flight -= 1
         return GraphAccepted("op-1", "Running", "https://graph/op-1", "req-1", 200)

@@ -10,13 +10,16 @@ from typing import Any
 
 from tests.fakes import FakeGraph, FakeTokens
 from tests.harness import TENANT_A, TENANT_B, command
-from worker.errors import OutcomeKind
-from worker.handler import Delivery, InviteHandler
+from worker.errors import GraphNoAnswer, GraphRefused, GraphUnreachable, OutcomeKind
+from worker.handler import Delivery, Handled, InviteHandler
+from worker.outcomes import OutcomeEvent
 from worker.settings import Settings
 
 
 def settings(**values: Any) -> Settings:
-    return Settings.model_validate({"AZURE_TENANT_ID": TENANT_A, **values})
+    return Settings.model_validate(
+        {"AZURE_TENANT_ID": TENANT_A, "RETRY_BASE_DELAY": 0.01, **values}
+    )
 
 
 def delivery(**fields: Any) -> Delivery:
@@ -24,30 +27,48 @@ def delivery(**fields: Any) -> Delivery:
     return Delivery(json.dumps(body).encode(), "application/json", None)
 
 
+def handler(
+    graph: FakeGraph | None = None, tokens: FakeTokens | None = None, **values: Any
+) -> InviteHandler:
+    return InviteHandler(
+        settings(**values), tokens=tokens or FakeTokens(), sender=graph or FakeGraph()
+    )
+
+
+def event(handled: Handled) -> OutcomeEvent:
+    assert handled.event is not None, handled
+    return handled.event
+
+
+def refused(status: int, retry_after: float | None = None) -> GraphRefused:
+    return GraphRefused(status, "Code", "message", "req", retry_after=retry_after)
+
+
 async def test_in_flight_graph_requests_never_exceed_the_setting() -> None:
     graph = FakeGraph(latency=0.05)
-    handler = InviteHandler(settings(GRAPH_MAX_IN_FLIGHT=3), tokens=FakeTokens(), sender=graph)
-    results = await asyncio.gather(*(handler.handle(delivery()) for _ in range(12)))
-    assert {r.event.kind for r in results} == {OutcomeKind.ACCEPTED}
+    results = await asyncio.gather(
+        *(handler(graph, GRAPH_MAX_IN_FLIGHT=3).handle(delivery()) for _ in range(1))
+    )
+    shared = handler(graph, GRAPH_MAX_IN_FLIGHT=3)
+    results = await asyncio.gather(*(shared.handle(delivery()) for _ in range(12)))
+    assert {event(r).kind for r in results} == {OutcomeKind.ACCEPTED}
     assert graph.most_in_flight == 3
 
 
 async def test_each_invite_carries_its_tenants_token_and_the_command_id() -> None:
     graph = FakeGraph()
-    handler = InviteHandler(settings(), tokens=FakeTokens(), sender=graph)
-    result = await handler.handle(delivery(tenantId=TENANT_B))
+    result = await handler(graph).handle(delivery(tenantId=TENANT_B))
     [(request, token)] = graph.sent
     assert token == f"token-for-{TENANT_B}"
-    assert request.client_request_id == result.event.data.command_id
+    assert request.client_request_id == event(result).data.command_id
     assert request.tenant_id == TENANT_B
 
 
 async def test_an_expired_deadline_means_no_token_and_no_graph_call() -> None:
     graph, tokens = FakeGraph(), FakeTokens()
-    handler = InviteHandler(settings(), tokens=tokens, sender=graph)
     past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
-    result = await handler.handle(delivery(deadline=past))
-    assert result.event.kind is OutcomeKind.EXPIRED
+    result = await handler(graph, tokens).handle(delivery(deadline=past))
+    assert event(result).kind is OutcomeKind.EXPIRED
     assert (graph.sent, tokens.requests) == ([], [])
 
 
@@ -55,34 +76,171 @@ async def test_a_deadline_that_passes_while_waiting_for_the_rate_limit_expires_t
     None
 ):
     graph = FakeGraph()
-    handler = InviteHandler(settings(GRAPH_TENANT_RATE_LIMIT=1), tokens=FakeTokens(), sender=graph)
-    first = await handler.handle(delivery())
+    shared = handler(graph, GRAPH_TENANT_RATE_LIMIT=1)
+    first = await shared.handle(delivery())
     soon = (datetime.now(UTC) + timedelta(milliseconds=300)).isoformat()
-    second = await handler.handle(delivery(deadline=soon))
-    assert first.event.kind is OutcomeKind.ACCEPTED
-    assert second.event.kind is OutcomeKind.EXPIRED
+    second = await shared.handle(delivery(deadline=soon))
+    assert event(first).kind is OutcomeKind.ACCEPTED
+    assert event(second).kind is OutcomeKind.EXPIRED
     assert len(graph.sent) == 1
 
 
 async def test_a_refused_token_fails_the_command_without_calling_graph() -> None:
     graph = FakeGraph()
-    handler = InviteHandler(settings(), tokens=FakeTokens(refuse={TENANT_B}), sender=graph)
-    result = await handler.handle(delivery(tenantId=TENANT_B))
-    assert result.event.kind is OutcomeKind.FAILED
-    assert result.event.data.model_dump()["reason"] == "token_unavailable"
+    result = await handler(graph, FakeTokens(refuse={TENANT_B})).handle(delivery(tenantId=TENANT_B))
+    assert event(result).kind is OutcomeKind.FAILED
+    assert event(result).data.model_dump()["reason"] == "token_unavailable"
     assert result.attempts == 0
     assert graph.sent == []
 
 
-async def test_a_redelivered_command_whose_outcome_was_not_confirmed_is_not_sent_again() -> None:
+async def test_a_redelivered_command_already_settled_is_acknowledged_without_graph() -> None:
     graph = FakeGraph()
-    handler = InviteHandler(settings(), tokens=FakeTokens(), sender=graph)
+    shared = handler(graph)
     message = delivery()
-    first = await handler.handle(message)
-    handler.remember_unpublished(first)
-    again = await handler.handle(message)
+    first = await shared.handle(message)
+    assert first.command is not None
+    shared.settled.remember(first.command.command_id, event(first), confirmed=True)
+    again = await shared.handle(message)
+    assert again.duplicate
+    assert again.event is None
+    assert len(graph.sent) == 1
+
+
+async def test_a_redelivered_command_whose_outcome_was_not_confirmed_republishes_it() -> None:
+    graph = FakeGraph()
+    shared = handler(graph)
+    message = delivery()
+    first = await shared.handle(message)
+    assert first.command is not None
+    shared.settled.remember(first.command.command_id, event(first), confirmed=False)
+    again = await shared.handle(message)
     assert again.replayed
     assert again.event == first.event
     assert len(graph.sent) == 1
-    handler.forget_unpublished(again)
-    assert not (await handler.handle(message)).replayed
+
+
+async def test_transient_failures_are_retried_in_process_and_counted() -> None:
+    graph = FakeGraph(failures=[refused(503), GraphUnreachable("refused")])
+    result = await handler(graph).handle(delivery())
+    assert event(result).kind is OutcomeKind.ACCEPTED
+    assert result.attempts == 3
+    assert event(result).data.attempts == 3
+
+
+async def test_a_permanent_4xx_fails_at_once() -> None:
+    graph = FakeGraph(failures=[refused(404)])
+    result = await handler(graph).handle(delivery())
+    assert event(result).kind is OutcomeKind.FAILED
+    assert (result.attempts, result.http_status) == (1, 404)
+
+
+async def test_a_401_refreshes_the_token_once_and_retries_once() -> None:
+    tokens = FakeTokens()
+    graph = FakeGraph(failures=[refused(401), refused(401)])
+    result = await handler(graph, tokens).handle(delivery())
+    assert event(result).kind is OutcomeKind.FAILED
+    assert result.attempts == 2
+    assert tokens.invalidated == [TENANT_A]
+
+
+async def test_an_ambiguous_no_answer_is_not_retried_by_default() -> None:
+    graph = FakeGraph(failures=[GraphNoAnswer("ReadTimeout")])
+    result = await handler(graph).handle(delivery())
+    assert event(result).data.model_dump()["reason"] == "graph_no_answer"
+    assert result.attempts == 1
+    retrying = FakeGraph(failures=[GraphNoAnswer("ReadTimeout")])
+    again = await handler(retrying, RETRY_AMBIGUOUS=True).handle(delivery())
+    assert event(again).kind is OutcomeKind.ACCEPTED
+
+
+async def test_attempts_stop_at_the_cap_with_the_last_status() -> None:
+    graph = FakeGraph(failures=[refused(503)] * 10)
+    result = await handler(graph, RETRY_MAX_ATTEMPTS=3).handle(delivery())
+    assert event(result).kind is OutcomeKind.FAILED
+    assert (result.attempts, result.http_status) == (3, 503)
+
+
+async def test_a_long_retry_after_goes_to_the_broker_and_throttles_the_tenant() -> None:
+    graph = FakeGraph(failures=[refused(429, retry_after=20.0)])
+    shared = handler(graph)
+    first = await shared.handle(delivery())
+    assert first.event is None
+    assert first.retry_in == 20.0
+    assert first.attempts == 1
+    # The tenant is paused: the next command waits in the broker without calling Graph.
+    second = await shared.handle(delivery())
+    assert second.retry_in is not None
+    assert second.retry_in > 19
+    assert len(graph.sent) == 1
+    # Another tenant is not affected.
+    other = await shared.handle(delivery(tenantId=TENANT_B))
+    assert event(other).kind is OutcomeKind.ACCEPTED
+
+
+async def test_a_retried_command_carries_its_attempts_and_first_receipt() -> None:
+    graph = FakeGraph(failures=[refused(503)])
+    body = delivery()
+    first_received = datetime.now(UTC).timestamp() - 10
+    retried = Delivery(
+        body.body, body.content_type, None, prior_attempts=2, first_received=first_received
+    )
+    result = await handler(graph).handle(retried)
+    assert result.attempts == 4
+    assert result.first_received == first_received
+
+
+async def test_no_retry_starts_after_the_total_time_budget() -> None:
+    graph = FakeGraph(failures=[refused(503)])
+    body = delivery()
+    old = Delivery(
+        body.body,
+        None,
+        None,
+        prior_attempts=1,
+        first_received=datetime.now(UTC).timestamp() - 119.999,
+    )
+    result = await handler(graph).handle(old)
+    assert event(result).kind is OutcomeKind.FAILED
+
+
+async def test_a_retry_that_would_start_after_the_deadline_expires_the_command() -> None:
+    graph = FakeGraph(failures=[refused(429, retry_after=30.0)])
+    soon = (datetime.now(UTC) + timedelta(seconds=10)).isoformat()
+    result = await handler(graph).handle(delivery(deadline=soon))
+    assert event(result).kind is OutcomeKind.EXPIRED
+    assert result.attempts == 1
+
+
+async def test_a_command_delivered_too_often_is_failed_as_poison_without_graph() -> None:
+    graph = FakeGraph()
+    body = delivery()
+    poison = Delivery(body.body, None, None, delivery_count=6)
+    result = await handler(graph).handle(poison)
+    assert result.poison
+    assert event(result).data.model_dump()["reason"] == "redelivered_too_often"
+    assert graph.sent == []
+
+
+async def test_consecutive_outages_open_the_circuit_and_later_commands_wait_in_the_broker() -> None:
+    graph = FakeGraph(failures=[GraphUnreachable("refused")] * 50)
+    shared = handler(graph, CIRCUIT_FAILURE_THRESHOLD=3, RETRY_MAX_ATTEMPTS=10)
+    results = [await shared.handle(delivery()) for _ in range(2)]
+    assert not shared.circuit.allows_traffic
+    assert all(r.retry_in is not None for r in results)
+    sent = len(graph.sent)
+    assert sent == 3
+    later = await shared.handle(delivery())
+    assert later.retry_in is not None
+    assert len(graph.sent) == sent
+
+
+async def test_shutdown_ends_an_in_process_wait_and_hands_the_retry_to_the_broker() -> None:
+    graph = FakeGraph(failures=[refused(503)])
+    shared = handler(graph, RETRY_BASE_DELAY=1.5, RETRY_IN_PROCESS_MAX=5)
+    task = asyncio.create_task(shared.handle(delivery()))
+    await asyncio.sleep(0.1)
+    shared.stopping.set()
+    result = await asyncio.wait_for(task, 1)
+    assert result.retry_in is not None
+    assert result.attempts == 1

@@ -59,3 +59,30 @@ async def test_each_tenant_has_its_own_limiter() -> None:
 def test_a_limit_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         SlidingWindowLimiter(0)
+
+
+async def test_a_throttled_tenant_gets_nothing_before_retry_after_then_a_reduced_rate() -> None:
+    now = [100.0]
+    limiter = SlidingWindowLimiter(10, margin=0.0, clock=lambda: now[0])
+    limiter.throttle(retry_after=20.0)
+    assert limiter.blocked_for() == 20.0
+    assert limiter.delay() == 20.0
+    assert limiter.current_limit() == 5
+    now[0] += 20.0
+    assert limiter.delay() == 0.0
+    assert limiter.current_limit() == 5
+    # A tenth of the configured limit per second without another 429.
+    now[0] += 2.0
+    assert limiter.current_limit() == 7
+    now[0] += 10.0
+    assert limiter.current_limit() == 10
+
+
+async def test_while_reduced_the_window_counts_against_the_reduced_limit() -> None:
+    now = [0.0]
+    limiter = SlidingWindowLimiter(4, margin=0.0, clock=lambda: now[0])
+    limiter.throttle(retry_after=0.0)
+    assert limiter.current_limit() == 2
+    for _ in range(2):
+        (await limiter.acquire()).mark_sent()
+    assert limiter.delay() == 1.0

@@ -29,6 +29,13 @@ def _run(_args: argparse.Namespace) -> int:
     return asyncio.run(lifecycle.run(settings))
 
 
+def _healthcheck(_args: argparse.Namespace) -> int:
+    from worker.health import probe  # noqa: PLC0415
+    from worker.settings import Settings  # noqa: PLC0415
+
+    return 0 if probe(Settings().health_port) else 1
+
+
 def _simulator(args: argparse.Namespace) -> int:
     from worker import simulator  # noqa: PLC0415
 
@@ -64,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the worker (configured by environment variables)")
     run.set_defaults(handler=_run)
+
+    health = commands.add_parser(
+        "healthcheck", help="exit 0 if the local worker's /healthz answers 200 (HEALTH_PORT)"
+    )
+    health.set_defaults(handler=_healthcheck)
 
     sim = commands.add_parser("simulator", help="run the local HTTPS Graph and Entra ID simulator")
     from worker import simulator  # noqa: PLC0415

@@ -1,13 +1,15 @@
 """The AMQP edge: topology, consuming commands, publishing outcomes, settling messages.
 
-All aio-pika translation lives here. A command's message is settled only after its outcome
-event is confirmed by the broker; `errors.settlement_for` decides how.
+All aio-pika translation lives here. A command's message is settled only after what it
+needed published (its outcome event, its delayed retry, its dead-letter copy) is confirmed
+by the broker; `errors.settlement_for` decides how.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from typing import Any
 
@@ -22,7 +24,8 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError
 
-from worker.errors import OutcomeNotConfirmed, Settlement, settlement_for
+from worker.circuit import CircuitState
+from worker.errors import Settlement, settlement_for
 from worker.handler import Delivery, Handled, InviteHandler
 from worker.outcomes import OutcomeEvent
 from worker.settings import Settings
@@ -34,17 +37,46 @@ OUTCOME_CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
 #: that a broker that keeps refusing is not hammered.
 REQUEUE_DELAY = 1.0
 PUBLISH_TIMEOUT = 10.0
+#: Delay queues, in seconds: a retry waits in the shortest one at least as long as needed.
+DELAY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+#: Headers the worker sets on retried and dead-lettered copies of a command.
+ATTEMPTS_HEADER = "x-invite-attempts"
+FIRST_RECEIVED_HEADER = "x-invite-first-received"
+_BROKER_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+
+def _quorum(**arguments: Any) -> dict[str, Any]:
+    # At-least-once dead-lettering: nothing is dropped on its way out of a queue.
+    # It requires reject-publish overflow.
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        **arguments,
+    }
 
 
 async def declare_topology(
     channel: AbstractChannel, settings: Settings
-) -> tuple[AbstractQueue, AbstractExchange]:
+) -> tuple[AbstractQueue, AbstractExchange, AbstractExchange]:
     """Declare (idempotently) every exchange and queue the worker uses.
 
     The command queue is a quorum queue: it survives a broker node's loss, counts
     deliveries, and dead-letters a message redelivered more than `COMMAND_DELIVERY_LIMIT`
-    times. Outcomes that match no binding go to an alternate exchange and wait in
-    `<OUTCOME_EXCHANGE>.unrouted` instead of being dropped.
+    times. Delay queues hold retries for a fixed time each, then dead-letter them back
+    into the command queue. Outcomes that match no binding go to an alternate exchange and
+    wait in `<OUTCOME_EXCHANGE>.unrouted` instead of being dropped.
     """
     dlx = await channel.declare_exchange(
         settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
@@ -70,22 +102,68 @@ async def declare_topology(
     commands = await channel.declare_queue(
         settings.command_queue,
         durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-dead-letter-exchange": settings.dead_letter_exchange,
-            "x-delivery-limit": settings.delivery_limit,
-            # At-least-once dead-lettering: a rejected command is not dropped on its way
-            # to the dead-letter queue. It requires reject-publish overflow.
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        },
+        arguments=_quorum(
+            **{
+                "x-dead-letter-exchange": settings.dead_letter_exchange,
+                "x-delivery-limit": settings.delivery_limit,
+            }
+        ),
     )
-    return commands, outcomes
+    for seconds in DELAY_BUCKETS:
+        await channel.declare_queue(
+            settings.delay_queue(seconds),
+            durable=True,
+            arguments=_quorum(
+                **{
+                    "x-message-ttl": seconds * 1000,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": settings.command_queue,
+                }
+            ),
+        )
+    return commands, outcomes, dlx
+
+
+def delay_bucket(seconds: float) -> int:
+    """The shortest delay queue that waits at least `seconds`."""
+    return next((b for b in DELAY_BUCKETS if b >= seconds), DELAY_BUCKETS[-1])
+
+
+def _int_header(headers: dict[str, Any], name: str, upper: int) -> int:
+    value = headers.get(name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return min(max(value, 0), upper)
+    return 0
+
+
+def to_delivery(message: AbstractIncomingMessage) -> Delivery:
+    """The handler's view of a message; headers are untrusted and checked here."""
+    headers = message.headers or {}
+    first = headers.get(FIRST_RECEIVED_HEADER)
+    now = time.time()
+    # A first-received time from the future or older than a day is not believed.
+    first_received = (
+        float(first)
+        if isinstance(first, int | float)
+        and not isinstance(first, bool)
+        and now - 86_400 < first <= now + 60
+        else None
+    )
+    return Delivery(
+        message.body,
+        message.content_type,
+        message.message_id,
+        delivery_count=_int_header(headers, "x-delivery-count", 1_000_000),
+        prior_attempts=_int_header(headers, ATTEMPTS_HEADER, 1_000),
+        first_received=first_received,
+    )
 
 
 def correlation_id(handled: Handled, message_id: str | None) -> str | None:
     """The commandId, or the incoming message_id when the body carried none."""
-    return handled.event.data.command_id or message_id
+    if handled.event is not None and handled.event.data.command_id:
+        return handled.event.data.command_id
+    return handled.command.command_id if handled.command else message_id
 
 
 class CommandConsumer:
@@ -94,31 +172,101 @@ class CommandConsumer:
     def __init__(self, settings: Settings, handler: InviteHandler) -> None:
         self._settings = settings
         self._handler = handler
+        self._metrics = handler.metrics
         self._queue: AbstractQueue | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._publish_channel: AbstractChannel | None = None
         self._outcomes: AbstractExchange | None = None
+        self._dead_letters: AbstractExchange | None = None
         self._consumer_tag: str | None = None
         self._active: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.connected = False
         self.stopping = False
+        handler.circuit.on_change = self._on_circuit_change
+
+    @property
+    def ready(self) -> bool:
+        """Connected, consuming, and willing to take commands."""
+        return (
+            self.connected
+            and self._consumer_tag is not None
+            and not self.stopping
+            and self._handler.circuit.allows_traffic
+        )
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        publish_channel = await connection.channel(publisher_confirms=True)
-        commands, self._outcomes = await declare_topology(publish_channel, self._settings)
-        consume_channel = await connection.channel(publisher_confirms=False)
-        await consume_channel.set_qos(prefetch_count=self._settings.prefetch_count)
-        self._queue = await consume_channel.get_queue(commands.name, ensure=False)
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._publish_channel = await connection.channel(publisher_confirms=True)
+        commands, self._outcomes, self._dead_letters = await declare_topology(
+            self._publish_channel, self._settings
+        )
+        self._consume_channel = await connection.channel(publisher_confirms=False)
+        await self._consume_channel.set_qos(prefetch_count=self._settings.prefetch_count)
+        self._queue = await self._consume_channel.get_queue(commands.name, ensure=False)
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        self.connected = True
+        await self._consume()
 
-    async def stop_consuming(self) -> None:
-        """Ask the broker for no more commands; those in flight carry on."""
-        self.stopping = True
+    async def _consume(self) -> None:
+        if self._queue is not None and self._consumer_tag is None and not self.stopping:
+            self._consumer_tag = await self._queue.consume(self._on_message)
+
+    async def _cancel(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
             try:
                 await self._queue.cancel(tag)
-            except (TimeoutError, AMQPError, ConnectionError):
+            except (TimeoutError, AMQPError, ConnectionError, RuntimeError):
                 log.warning("consumer.cancel_failed")
+
+    def _on_connection_lost(self, *_: Any) -> None:
+        self.connected = False
+        if not self.stopping:
+            log.warning("broker.connection_lost")
+
+    def _on_reconnected(self, *_: Any) -> None:
+        self.connected = True
+        self._metrics.broker_reconnects.inc()
+        log.info("broker.reconnected")
+
+    def _on_circuit_change(self, state: CircuitState) -> None:
+        log.warning("graph.circuit", state=state.value)
+        self._spawn(self._follow_circuit(state))
+
+    async def _follow_circuit(self, state: CircuitState) -> None:
+        channel = self._consume_channel
+        if channel is None:
+            return
+        try:
+            if state is CircuitState.OPEN:
+                await self._cancel()
+                await asyncio.sleep(self._handler.circuit.reopens_in())
+                self._handler.circuit.half_open()
+            elif state is CircuitState.HALF_OPEN:
+                # One probe at a time: the rest of the backlog stays in the broker.
+                await channel.set_qos(prefetch_count=1)
+                await self._consume()
+            else:
+                await channel.set_qos(prefetch_count=self._settings.prefetch_count)
+                await self._consume()
+        except (AMQPError, ConnectionError, RuntimeError):
+            log.warning("graph.circuit_follow_failed", state=state.value)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def stop_consuming(self) -> None:
+        """Ask the broker for no more commands; those in flight carry on."""
+        self.stopping = True
+        self._handler.stopping.set()
+        await self._cancel()
+        for task in list(self._background):
+            task.cancel()
 
     async def drain(self, grace_period: float) -> int:
         """Wait up to `grace_period` seconds for in-flight commands; returns how many remain."""
@@ -151,30 +299,53 @@ class CommandConsumer:
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
-        delivery = Delivery(message.body, message.content_type, message.message_id)
+        self._metrics.commands_received.inc()
         try:
-            handled = await self._handler.handle(delivery)
+            handled = await self._handler.handle(to_delivery(message))
         except Exception:
-            # A bug, not a verdict on the command: hand it back. The delivery limit
-            # dead-letters a command that keeps failing this way.
+            # A bug, not a verdict on the command: hand it back. After
+            # COMMAND_MAX_REDELIVERIES the command is failed and dead-lettered as poison.
             log.exception("command.crashed", message_id=message.message_id)
-            await self._settle(message, Settlement.REQUEUE)
+            await self._settle(message, Settlement.REQUEUE, None)
             return
-        try:
-            await self._publish(handled.event, correlation_id(handled, message.message_id))
-        except OutcomeNotConfirmed as exc:
-            settlement = settlement_for(None)
-            self._handler.remember_unpublished(handled)
-            log.warning("outcome.not_confirmed", error=str(exc), outcome=handled.event.type.value)
-        else:
-            settlement = settlement_for(handled.event.kind)
-            self._handler.forget_unpublished(handled)
-        await self._settle(message, settlement)
+        event = handled.event
+        confirmed = True
+        if handled.retry_in is not None:
+            confirmed = await self._publish_retry(message, handled)
+        elif event is not None:
+            confirmed = await self._publish_event(
+                event, correlation_id(handled, message.message_id)
+            )
+            if handled.command is not None:
+                # Remembered before the acknowledgement: if that is lost, the redelivery
+                # is recognised and not sent to Graph again.
+                self._handler.settled.remember(
+                    handled.command.command_id, event, confirmed=confirmed
+                )
+        settlement = settlement_for(
+            event.kind if event is not None else None,
+            confirmed=confirmed,
+            retry=handled.retry_in is not None,
+            poison=handled.poison,
+        )
+        await self._settle(message, settlement, handled)
         self._log_settled(handled, settlement, message, started)
 
-    async def _publish(self, event: OutcomeEvent, correlation: str | None) -> None:
-        if self._outcomes is None:
-            raise OutcomeNotConfirmed("the outcome exchange is not declared")
+    async def _publish(
+        self, exchange: AbstractExchange | None, message: aio_pika.Message, routing_key: str
+    ) -> bool:
+        """Publish and wait for the broker's confirmation; False when it did not confirm."""
+        if exchange is None:
+            return False
+        try:
+            await exchange.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
+        except (TimeoutError, AMQPError, ConnectionError, RuntimeError) as exc:
+            self._metrics.outcome_publish_failures.inc()
+            log.warning("publish.not_confirmed", routing_key=routing_key, error=type(exc).__name__)
+            return False
+        return True
+
+    async def _publish_event(self, event: OutcomeEvent, correlation: str | None) -> bool:
         message = aio_pika.Message(
             event.to_json(),
             content_type=OUTCOME_CONTENT_TYPE,
@@ -185,20 +356,77 @@ class CommandConsumer:
             timestamp=event.time,
             app_id="invite-worker",
         )
-        try:
-            await self._outcomes.publish(
-                message, routing_key=event.type.value, timeout=PUBLISH_TIMEOUT
-            )
-        except (TimeoutError, AMQPError, ConnectionError, RuntimeError) as exc:
-            raise OutcomeNotConfirmed(f"{type(exc).__name__}: {exc}") from None
+        confirmed = await self._publish(self._outcomes, message, event.type.value)
+        if confirmed:
+            self._metrics.outcomes.inc(event.type.value)
+        return confirmed
 
-    async def _settle(self, message: AbstractIncomingMessage, settlement: Settlement) -> None:
+    def _copy(self, message: AbstractIncomingMessage, extra: dict[str, Any]) -> aio_pika.Message:
+        headers = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
+        headers.update({k: v for k, v in extra.items() if v is not None})
+        return aio_pika.Message(
+            message.body,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+
+    async def _publish_retry(self, message: AbstractIncomingMessage, handled: Handled) -> bool:
+        assert handled.retry_in is not None  # noqa: S101 - called only for retries
+        bucket = delay_bucket(handled.retry_in)
+        copy = self._copy(
+            message,
+            {
+                ATTEMPTS_HEADER: handled.attempts,
+                FIRST_RECEIVED_HEADER: handled.first_received,
+                "x-invite-last-status": handled.http_status,
+                "x-invite-last-error": handled.error_type,
+            },
+        )
+        channel = self._publish_channel
+        if channel is None:
+            return False
+        return await self._publish(
+            channel.default_exchange, copy, self._settings.delay_queue(bucket)
+        )
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, handled: Handled | None) -> None:
+        """Keep the command in the dead-letter queue with headers that say why."""
+        extra: dict[str, Any] = {"x-invite-fault-reason": "unknown"}
+        if handled is not None:
+            problems = getattr(handled.event.data, "problems", None) if handled.event else None
+            extra = {
+                "x-invite-fault-reason": "redelivered_too_often" if handled.poison else "rejected",
+                "x-invite-error-type": handled.error_type,
+                ATTEMPTS_HEADER: handled.attempts,
+                "x-invite-last-status": handled.http_status,
+                "x-invite-request-id": handled.request_id,
+                "x-invite-outcome-id": handled.event.id if handled.event else None,
+                "x-invite-problems": json.dumps([f"{p.field}: {p.problem}" for p in problems])[
+                    :2000
+                ]
+                if problems
+                else None,
+            }
+        if await self._publish(self._dead_letters, self._copy(message, extra), ""):
+            self._metrics.dead_lettered.inc(str(extra["x-invite-fault-reason"]))
+            await message.ack()
+        else:
+            # The broker's own dead-lettering, without the headers, rather than nothing.
+            await message.nack(requeue=False)
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, settlement: Settlement, handled: Handled | None
+    ) -> None:
         try:
             match settlement:
-                case Settlement.ACK:
+                case Settlement.ACK | Settlement.RETRY_LATER:
                     await message.ack()
                 case Settlement.DEAD_LETTER:
-                    await message.nack(requeue=False)
+                    await self._dead_letter(message, handled)
                 case Settlement.REQUEUE:
                     if not self.stopping:
                         await asyncio.sleep(REQUEUE_DELAY)
@@ -214,13 +442,14 @@ class CommandConsumer:
         message: AbstractIncomingMessage,
         started: float,
     ) -> None:
-        data = handled.event.data
+        command = handled.command
+        data = handled.event.data if handled.event is not None else None
         log.info(
             "command.settled",
-            command_id=data.command_id,
-            call_id=data.call_id,
-            tenant_id=data.tenant_id,
-            outcome=handled.event.type.value,
+            command_id=command.command_id if command else data.command_id if data else None,
+            call_id=command.call_id if command else data.call_id if data else None,
+            tenant_id=command.tenant_id if command else data.tenant_id if data else None,
+            outcome=handled.event.type.value if handled.event else None,
             settlement=settlement.value,
             http_status=handled.http_status,
             request_id=handled.request_id,
@@ -228,7 +457,10 @@ class CommandConsumer:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             message_id=message.message_id,
             redelivered=message.redelivered,
+            duplicate=handled.duplicate,
             replayed=handled.replayed,
+            retry_in=handled.retry_in,
+            error_type=handled.error_type,
             reason=getattr(data, "reason", None),
             error_code=getattr(data, "error_code", None),
             problems=[f"{p.field}: {p.problem}" for p in getattr(data, "problems", ())] or None,

@@ -1,19 +1,20 @@
 """Why a command did not end in `invite.accepted`, and what that means for its message.
 
-The exception tree, each leaf with the outcome event it produces and how the command's
-AMQP message is settled::
+The exception tree, each leaf with the outcome event it produces::
 
     InviteError
-    ├── InvalidCommand        invite.rejected   dead-lettered (the input can never succeed)
-    ├── DeadlinePassed        invite.expired    acknowledged
-    ├── TokenUnavailable      invite.failed     acknowledged
-    ├── GraphError            invite.failed     acknowledged
+    ├── InvalidCommand        invite.rejected   (the input can never succeed)
+    ├── DeadlinePassed        invite.expired
+    ├── TokenUnavailable      invite.failed     (transient when Entra ID is unreachable)
+    ├── GraphError            invite.failed     (after retries, when transient)
     │   ├── GraphRefused          Graph answered with an error status
-    │   ├── GraphUnreachable      no answer: connect or transport error before a response
-    │   └── GraphNoAnswer         the request was sent and no answer came (timeout, reset)
-    └── OutcomeNotConfirmed   (none yet)        handed back to the broker (requeued)
+    │   ├── GraphUnreachable      not sent: connect error, pool timeout
+    │   └── GraphNoAnswer         sent, and no answer came (timeout, reset): Graph may have acted
+    ├── RedeliveredTooOften   invite.failed     (a poison message: it kept coming back)
+    └── OutcomeNotConfirmed   (none yet)        the broker did not confirm the outcome
 
-`settlement_for` is the one place that turns an outcome into a settlement.
+A command's message is settled in one of the ways of `Settlement`, and `settlement_for` is
+the one place that chooses which.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from typing import Any, ClassVar, Literal
 
 #: Why an `invite.failed` event failed.
 FailureReason = Literal[
-    "graph_refused", "graph_unreachable", "graph_no_answer", "token_unavailable"
+    "graph_refused",
+    "graph_unreachable",
+    "graph_no_answer",
+    "token_unavailable",
+    "redelivered_too_often",
 ]
 
 
@@ -32,8 +37,13 @@ class Settlement(enum.Enum):
     """The closed set of things the worker does with a command's message."""
 
     ACK = "ack"
+    """The outcome is confirmed (or was already): remove the command."""
     DEAD_LETTER = "dead_letter"
+    """The outcome is confirmed; keep the command in the dead-letter queue, with why."""
+    RETRY_LATER = "retry_later"
+    """Publish a copy to a delay queue that returns it to the command queue, then remove it."""
     REQUEUE = "requeue"
+    """Nothing could be confirmed: hand the message back to the broker as it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,16 +69,18 @@ class InvalidCommand(InviteError):
 
 
 class DeadlinePassed(InviteError):
-    """The command's deadline passed before Graph could be called."""
+    """The command's deadline passed before Graph could be called (again)."""
 
 
 class TokenUnavailable(InviteError):
     """Entra ID did not issue a token for the tenant (consent revoked, bad credential...)."""
 
-    def __init__(self, error: str, description: str):
+    def __init__(self, error: str, description: str, *, transient: bool = False):
         super().__init__(f"{error}: {description}")
         self.error = error
         self.description = description
+        #: Entra ID could not be reached, as opposed to refusing.
+        self.transient = transient
 
 
 class GraphError(InviteError):
@@ -83,16 +95,26 @@ class GraphError(InviteError):
 class GraphRefused(GraphError):
     """Graph answered with an error status (4xx, 5xx)."""
 
-    def __init__(self, status: int, code: str | None, message: str, request_id: str | None):
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        request_id: str | None,
+        *,
+        retry_after: float | None = None,
+    ):
         super().__init__(f"HTTP {status} {code or ''}: {message}".strip())
         self.status = status
         self.code = code
         self.message = message
         self.request_id = request_id
+        #: Seconds from Graph's Retry-After header, when it sent one.
+        self.retry_after = retry_after
 
 
 class GraphUnreachable(GraphError):
-    """No answer: the connection failed before a response arrived."""
+    """Not sent: the connection failed before the request could reach Graph."""
 
     reason: ClassVar[FailureReason] = "graph_unreachable"
 
@@ -101,6 +123,14 @@ class GraphNoAnswer(GraphError):
     """The request was sent and no answer came back (timeout, reset); Graph may have acted."""
 
     reason: ClassVar[FailureReason] = "graph_no_answer"
+
+
+class RedeliveredTooOften(InviteError):
+    """The broker delivered the message more often than allowed: it keeps failing."""
+
+    def __init__(self, deliveries: int):
+        super().__init__(f"delivered {deliveries} times without being settled")
+        self.deliveries = deliveries
 
 
 class OutcomeNotConfirmed(InviteError):
@@ -123,20 +153,28 @@ def outcome_for(error: InviteError) -> OutcomeKind:
             return OutcomeKind.REJECTED
         case DeadlinePassed():
             return OutcomeKind.EXPIRED
-        case GraphError() | TokenUnavailable():
+        case GraphError() | TokenUnavailable() | RedeliveredTooOften():
             return OutcomeKind.FAILED
     raise TypeError(f"{type(error).__name__} has no outcome")
 
 
-def settlement_for(outcome: OutcomeKind | None) -> Settlement:
-    """How a command's message is settled once its outcome event is confirmed.
+def settlement_for(
+    outcome: OutcomeKind | None,
+    *,
+    confirmed: bool,
+    retry: bool = False,
+    poison: bool = False,
+) -> Settlement:
+    """How a command's message is settled.
 
-    None means no outcome could be confirmed: the message goes back to the broker.
+    `outcome` is the outcome event published for it (None when the command is not finished:
+    a retry is due, or it was settled before); `confirmed` says whether the broker confirmed
+    what had to be published; `poison` marks a message that kept coming back.
     """
-    match outcome:
-        case OutcomeKind.REJECTED:
-            return Settlement.DEAD_LETTER
-        case OutcomeKind.ACCEPTED | OutcomeKind.FAILED | OutcomeKind.EXPIRED:
-            return Settlement.ACK
-        case None:
-            return Settlement.REQUEUE
+    if not confirmed:
+        return Settlement.REQUEUE
+    if retry:
+        return Settlement.RETRY_LATER
+    if poison or outcome is OutcomeKind.REJECTED:
+        return Settlement.DEAD_LETTER
+    return Settlement.ACK

@@ -2,8 +2,9 @@
 
 The core of the worker: it parses, checks the deadline, takes a token, waits for an
 in-flight slot and the tenant's rate limit, sends the invite through an `InviteSender`,
-and turns whatever happened into exactly one `OutcomeEvent`. It knows neither AMQP nor
-HTTP; the consumer and the Graph client translate at the edges.
+retries what the `RetryPolicy` calls transient, and turns whatever happened into a
+`Handled`: an outcome event to publish, or a retry the broker should deliver later. It
+knows neither AMQP nor HTTP; the consumer and the Graph client translate at the edges.
 """
 
 from __future__ import annotations
@@ -12,22 +13,34 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
 from worker import outcomes
-from worker.errors import DeadlinePassed, InviteError
+from worker.circuit import CircuitBreaker
+from worker.errors import (
+    DeadlinePassed,
+    GraphError,
+    GraphNoAnswer,
+    GraphRefused,
+    GraphUnreachable,
+    InviteError,
+    RedeliveredTooOften,
+    TokenUnavailable,
+)
 from worker.invite import GraphAccepted, InviteRequest, build_request
 from worker.messages import Command, parse_command
+from worker.metrics import Metrics
 from worker.outcomes import OutcomeEvent
 from worker.ratelimit import TenantRateLimits
 from worker.settings import Settings
 from worker.tokens import TokenProvider
 
-#: Outcomes remembered after the broker refused them, so that a redelivered command
-#: gets its known outcome published again instead of a second invite.
-_UNPUBLISHED_MEMORY = 10_000
+#: A second delivery of a command that is still being handled comes back after this long,
+#: by when the first has usually settled and the second is acknowledged as a duplicate.
+_IN_PROGRESS_RETRY = 1.0
+_OUTAGE_STATUSES = frozenset({500, 502, 503, 504})
 
 
 class InviteSender(Protocol):
@@ -43,23 +56,79 @@ class InviteSender(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """An incoming message, as the consumer hands it over."""
+    """An incoming message, as the consumer hands it over (headers already checked)."""
 
     body: bytes
     content_type: str | None
     message_id: str | None
+    #: Earlier deliveries of this message (the broker's count; 0 the first time).
+    delivery_count: int = 0
+    #: Graph attempts made for this command by earlier deliveries (delayed retries).
+    prior_attempts: int = 0
+    #: When the command was first received (epoch seconds), carried across retries.
+    first_received: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Handled:
-    """A command's outcome, with what the canonical log line reports beyond the event."""
+    """What became of a command: an event to publish, or a retry due later."""
 
-    event: OutcomeEvent
     command: Command | None
-    http_status: int | None
-    request_id: str | None
-    attempts: int
+    event: OutcomeEvent | None = None
+    #: Seconds after which the broker should deliver the command again.
+    retry_in: float | None = None
+    attempts: int = 0
+    first_received: float = 0.0
+    http_status: int | None = None
+    request_id: str | None = None
+    error_type: str | None = None
+    #: The command was settled before and its outcome confirmed: nothing to publish.
+    duplicate: bool = False
+    #: The outcome is the one remembered from an earlier delivery, published again.
     replayed: bool = False
+    #: The message kept coming back; it goes to the dead-letter queue.
+    poison: bool = False
+
+
+@dataclass(slots=True)
+class _Progress:
+    attempts: int
+    first_received: float
+    http_status: int | None = None
+    request_id: str | None = None
+    error_type: str | None = None
+
+    def note(self, error: InviteError) -> None:
+        self.error_type = type(error).__name__
+        if isinstance(error, GraphError):
+            self.http_status = error.status
+            self.request_id = error.request_id
+
+
+@dataclass(frozen=True, slots=True)
+class _RetryLater:
+    delay: float
+
+
+@dataclass(slots=True)
+class SettledCommands:
+    """Recently settled commands by commandId, so that a redelivery does not invite twice.
+
+    `confirmed` outcomes were published: a redelivery is only acknowledged. Unconfirmed
+    ones are published again (same event id) instead of calling Graph again.
+    """
+
+    capacity: int = 10_000
+    _entries: OrderedDict[str, tuple[OutcomeEvent, bool]] = field(default_factory=OrderedDict)
+
+    def get(self, command_id: str) -> tuple[OutcomeEvent, bool] | None:
+        return self._entries.get(command_id)
+
+    def remember(self, command_id: str, event: OutcomeEvent, *, confirmed: bool) -> None:
+        self._entries[command_id] = (event, confirmed)
+        self._entries.move_to_end(command_id)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
 
 
 class InviteHandler:
@@ -70,6 +139,8 @@ class InviteHandler:
         tokens: TokenProvider,
         sender: InviteSender,
         limits: TenantRateLimits | None = None,
+        circuit: CircuitBreaker | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -77,76 +148,204 @@ class InviteHandler:
         self._tokens = tokens
         self._sender = sender
         self._limits = limits or TenantRateLimits(settings.graph_tenant_rate_limit)
+        self.circuit = circuit or CircuitBreaker(
+            threshold=settings.circuit_failure_threshold,
+            open_for=settings.circuit_open_seconds,
+            max_open_for=settings.circuit_max_open_seconds,
+        )
+        self.metrics = metrics or Metrics()
+        self.policy = settings.retry_policy
         self._in_flight = asyncio.Semaphore(settings.graph_max_in_flight)
+        self.in_flight_requests = 0
         self._clock = clock
         self._now = now
-        self._unpublished: OrderedDict[str, OutcomeEvent] = OrderedDict()
+        self.settled = SettledCommands(settings.settled_memory)
+        self._in_progress: set[str] = set()
+        #: Set on shutdown: waits between attempts end, and the retry goes to the broker.
+        self.stopping = asyncio.Event()
 
     async def handle(self, delivery: Delivery) -> Handled:
         started = self._clock()
+        wall = self._now().timestamp()
+        progress = _Progress(delivery.prior_attempts, delivery.first_received or wall)
         command: Command | None = None
-        attempts = 0
-        settings = self._settings
         try:
             command = parse_command(
                 delivery.body,
                 content_type=delivery.content_type,
-                default_tenant_id=settings.azure_tenant_id,
-                max_bytes=settings.max_command_bytes,
+                default_tenant_id=self._settings.azure_tenant_id,
+                max_bytes=self._settings.max_command_bytes,
             )
-            known = self._unpublished.get(command.command_id)
-            if known is not None:
-                return Handled(known, command, None, None, 0, replayed=True)
-            self._check_deadline(command)
-            request = build_request(command)
-            token = await self._tokens.token(command.tenant_id)
-            async with self._in_flight:
-                # The grant is taken last, right before sending, and stamped when the
-                # request is written, so that the arrivals Graph sees keep the promise.
-                grant = await self._limits.for_tenant(command.tenant_id).acquire()
-                try:
-                    self._check_deadline(command)
-                    attempts += 1
-                    answer = await self._sender.invite(request, token, grant.mark_sent)
-                finally:
-                    grant.mark_sent()
+            settled = self.settled.get(command.command_id)
+            if settled is not None:
+                event, confirmed = settled
+                return Handled(
+                    command,
+                    event=None if confirmed else event,
+                    attempts=progress.attempts,
+                    first_received=progress.first_received,
+                    duplicate=confirmed,
+                    replayed=not confirmed,
+                )
+            if command.command_id in self._in_progress:
+                return Handled(
+                    command,
+                    retry_in=_IN_PROGRESS_RETRY,
+                    first_received=progress.first_received,
+                    attempts=progress.attempts,
+                )
+            if delivery.delivery_count > self._settings.max_redeliveries:
+                raise RedeliveredTooOften(delivery.delivery_count + 1)
+            self._in_progress.add(command.command_id)
+            try:
+                result = await self._invite(command, progress)
+            finally:
+                self._in_progress.discard(command.command_id)
         except InviteError as error:
+            progress.note(error)
             event = outcomes.from_error(
                 error,
                 command,
-                attempts=attempts,
+                attempts=progress.attempts,
                 duration_ms=(self._clock() - started) * 1000,
-                client_request_id=command.command_id if command and attempts else None,
-                source=settings.event_source,
+                client_request_id=command.command_id if command and progress.attempts else None,
+                source=self._settings.event_source,
             )
-            status = getattr(error, "status", None)
-            request_id = getattr(error, "request_id", None)
-            return Handled(event, command, status, request_id, attempts)
+            return self._handled(
+                command, progress, event=event, poison=isinstance(error, RedeliveredTooOften)
+            )
+        if isinstance(result, _RetryLater):
+            self.metrics.retries_scheduled.inc("broker")
+            return self._handled(command, progress, retry_in=result.delay)
         event = outcomes.accepted(
             command,
-            operation_id=answer.operation_id,
-            operation_status=answer.operation_status,
-            location=answer.location,
-            request_id=answer.request_id,
-            client_request_id=request.client_request_id,
-            attempts=attempts,
+            operation_id=result.operation_id,
+            operation_status=result.operation_status,
+            location=result.location,
+            request_id=result.request_id,
+            client_request_id=command.command_id,
+            attempts=progress.attempts,
             duration_ms=(self._clock() - started) * 1000,
-            source=settings.event_source,
+            source=self._settings.event_source,
         )
-        return Handled(event, command, answer.status, answer.request_id, attempts)
+        progress.http_status, progress.request_id = result.status, result.request_id
+        return self._handled(command, progress, event=event)
 
-    def remember_unpublished(self, handled: Handled) -> None:
-        """Keep an outcome the broker did not confirm, for the command's redelivery."""
-        if handled.command is None:
-            return
-        self._unpublished[handled.command.command_id] = handled.event
-        self._unpublished.move_to_end(handled.command.command_id)
-        while len(self._unpublished) > _UNPUBLISHED_MEMORY:
-            self._unpublished.popitem(last=False)
+    @staticmethod
+    def _handled(
+        command: Command | None,
+        progress: _Progress,
+        *,
+        event: OutcomeEvent | None = None,
+        retry_in: float | None = None,
+        poison: bool = False,
+    ) -> Handled:
+        return Handled(
+            command,
+            event=event,
+            retry_in=retry_in,
+            attempts=progress.attempts,
+            first_received=progress.first_received,
+            http_status=progress.http_status,
+            request_id=progress.request_id,
+            error_type=progress.error_type,
+            poison=poison,
+        )
 
-    def forget_unpublished(self, handled: Handled) -> None:
-        if handled.command is not None:
-            self._unpublished.pop(handled.command.command_id, None)
+    async def _invite(self, command: Command, progress: _Progress) -> GraphAccepted | _RetryLater:
+        """Attempts until Graph accepts, a final error is raised, or a long wait is due."""
+        limiter = self._limits.for_tenant(command.tenant_id)
+        request = build_request(command)
+        refreshed_token = False
+        while True:
+            self._check_deadline(command)
+            if not self.circuit.allows_traffic:
+                return _RetryLater(max(self.circuit.reopens_in(), 1.0))
+            blocked = limiter.blocked_for()
+            if blocked > self.policy.in_process_limit:
+                return _RetryLater(blocked)
+            if blocked > 0 and not await self._pause(blocked):
+                return _RetryLater(blocked)
+            try:
+                return await self._attempt(command, request, progress)
+            except GraphRefused as error:
+                if error.status == 401 and not refreshed_token:
+                    # An expired or revoked token: one fresh token, one more try.
+                    refreshed_token = True
+                    progress.note(error)
+                    await self._tokens.invalidate(command.tenant_id)
+                    continue
+                delay = self._after_failure(error, command, progress)
+            except (GraphError, TokenUnavailable) as error:
+                delay = self._after_failure(error, command, progress)
+            if delay > self.policy.in_process_limit or not self.circuit.allows_traffic:
+                return _RetryLater(delay)
+            self.metrics.retries_scheduled.inc("in_process")
+            if not await self._pause(delay):
+                return _RetryLater(delay)
+
+    async def _attempt(
+        self, command: Command, request: InviteRequest, progress: _Progress
+    ) -> GraphAccepted:
+        token = await self._tokens.token(command.tenant_id)
+        limiter = self._limits.for_tenant(command.tenant_id)
+        async with self._in_flight:
+            # The grant is taken last, right before sending, and stamped when the request
+            # is written, so that the arrivals Graph sees keep the per-second promise.
+            waited = self._clock()
+            grant = await limiter.acquire()
+            self.metrics.rate_limit_wait.observe(self._clock() - waited)
+            self.in_flight_requests += 1
+            sent = self._clock()
+            try:
+                self._check_deadline(command)
+                progress.attempts += 1
+                answer = await self._sender.invite(request, token, grant.mark_sent)
+            except GraphError as error:
+                self.metrics.graph_requests.inc(str(error.status or "none"))
+                raise
+            finally:
+                grant.mark_sent()
+                self.in_flight_requests -= 1
+        self.metrics.graph_latency.observe(self._clock() - sent)
+        self.metrics.graph_requests.inc(str(answer.status))
+        self.circuit.record_success()
+        return answer
+
+    def _after_failure(
+        self, error: GraphError | TokenUnavailable, command: Command, progress: _Progress
+    ) -> float:
+        """Seconds before the next attempt; raises `error` (or `DeadlinePassed`) when final."""
+        progress.note(error)
+        if isinstance(error, GraphRefused) and error.status == 429:
+            retry_after = error.retry_after
+            self.metrics.throttled.inc()
+            if retry_after is not None:
+                self.metrics.retry_after.inc(amount=retry_after)
+            wait = (
+                retry_after if retry_after is not None else self.policy.backoff(progress.attempts)
+            )
+            self._limits.for_tenant(command.tenant_id).throttle(wait)
+        elif isinstance(error, GraphUnreachable | GraphNoAnswer) or (
+            isinstance(error, GraphRefused) and error.status in _OUTAGE_STATUSES
+        ):
+            self.circuit.record_failure()
+        elapsed = self._now().timestamp() - progress.first_received
+        delay = self.policy.delay_before_next(error, attempts=progress.attempts, elapsed=elapsed)
+        if delay is None:
+            raise error
+        deadline = command.deadline
+        if deadline is not None and self._now().timestamp() + delay >= deadline.timestamp():
+            raise DeadlinePassed("the deadline comes before Graph may be tried again")
+        return delay
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep unless shutdown starts first; False when it did."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            return True
+        return False
 
     def _check_deadline(self, command: Command) -> None:
         if command.deadline is not None and self._now() >= command.deadline:

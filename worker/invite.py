@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from worker.errors import GraphRefused
 from worker.messages import Command
+from worker.retry import parse_retry_after
 
 _MAX_ERROR_MESSAGE = 500
 
@@ -67,6 +68,7 @@ def interpret(status: int, headers: Mapping[str, str], body: bytes) -> GraphAcce
         _text(error.get("code")),
         message[:_MAX_ERROR_MESSAGE],
         request_id,
+        retry_after=parse_retry_after(headers.get("retry-after")),
     )
 
 

@@ -1,9 +1,11 @@
 """The worker process: wiring at start-up, running, and a graceful stop on SIGTERM.
 
-Start-up builds every long-lived object once (settings, token provider, Graph client,
-handler, broker connection). On SIGTERM or SIGINT the worker stops consuming, gives
-in-flight commands `SHUTDOWN_GRACE_PERIOD` seconds to finish, then closes its channels so
-that the broker redelivers whatever is left unsettled, and exits 0.
+Start-up builds every long-lived object once (settings, metrics, token provider, Graph
+client, handler, broker connection, health server). On SIGTERM or SIGINT the worker stops
+consuming, gives in-flight commands `SHUTDOWN_GRACE_PERIOD` seconds to finish (commands
+waiting between attempts go to a delay queue at once), then abandons what is left without
+publishing anything for it and closes the connection, so that the broker redelivers those
+commands whole, and exits 0.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from worker import __version__
 from worker.consumer import CommandConsumer
 from worker.graph import GraphClient
 from worker.handler import InviteHandler
+from worker.health import HealthServer
+from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.tokens import MsalTokenProvider, TokenProvider
 
 log = structlog.get_logger("worker.lifecycle")
+#: Seconds between attempts to reach the broker at start-up, doubling up to the cap.
+_CONNECT_RETRY = (1.0, 30.0)
 
 
 class Worker:
@@ -39,18 +45,41 @@ class Worker:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
-        self.tokens = tokens or MsalTokenProvider(settings)
+        self.metrics = Metrics()
+        self.tokens = tokens or MsalTokenProvider(settings, metrics=self.metrics)
         self.graph = GraphClient(settings, transport=transport)
-        self.handler = InviteHandler(settings, tokens=self.tokens, sender=self.graph)
+        self.handler = InviteHandler(
+            settings, tokens=self.tokens, sender=self.graph, metrics=self.metrics
+        )
         self.consumer = CommandConsumer(settings, self.handler)
+        self.health: HealthServer | None = None
+        if settings.health_port:
+            self.health = HealthServer(
+                port=settings.health_port, metrics=self.metrics, ready=lambda: self.consumer.ready
+            )
+        self.metrics.gauge(
+            "invite_graph_requests_in_flight",
+            "Graph invite requests sent and not yet answered.",
+            lambda: self.handler.in_flight_requests,
+        )
+        self.metrics.gauge(
+            "invite_commands_in_progress",
+            "Commands taken from the broker and not yet settled.",
+            lambda: self.consumer.in_flight,
+        )
+        self.metrics.gauge(
+            "invite_ready",
+            "1 while the worker is connected, consuming and not draining.",
+            lambda: 1 if self.consumer.ready else 0,
+        )
         self._connection: AbstractRobustConnection | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, connect_attempts: int | None = 1) -> None:
+        """Connect and consume, trying the broker `connect_attempts` times (None: no limit)."""
         started = time.monotonic()
-        self._connection = await aio_pika.connect_robust(
-            self.settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": f"invite-worker {__version__}"},
-        )
+        if self.health is not None:
+            await self.health.start()
+        self._connection = await self._connect(connect_attempts)
         await self.consumer.start(self._connection)
         log.info(
             "worker.ready",
@@ -62,8 +91,26 @@ class Worker:
             max_in_flight=self.settings.graph_max_in_flight,
             prefetch=self.settings.prefetch_count,
             tenant_rate_limit=self.settings.graph_tenant_rate_limit,
+            health_port=self.health.port if self.health else None,
             startup_ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+    async def _connect(self, attempts: int | None) -> AbstractRobustConnection:
+        delay, cap = _CONNECT_RETRY
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await aio_pika.connect_robust(
+                    self.settings.amqp_url.get_secret_value(),
+                    client_properties={"connection_name": f"invite-worker {__version__}"},
+                )
+            except (ConnectionError, AMQPError, OSError) as exc:
+                if attempts is not None and attempt >= attempts:
+                    raise
+                log.warning("broker.unreachable", error=type(exc).__name__, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cap)
 
     async def stop(self, grace_period: float | None = None) -> None:
         grace = self.settings.shutdown_grace_period if grace_period is None else grace_period
@@ -79,6 +126,8 @@ class Worker:
         await self.graph.aclose()
         if isinstance(self.tokens, MsalTokenProvider):
             self.tokens.close()
+        if self.health is not None:
+            await self.health.stop()
         log.info("worker.stopped", unsettled_handed_back=left)
 
 
@@ -89,13 +138,18 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await worker.start()
-    except (ConnectionError, AMQPError) as exc:
-        log.error("worker.broker_unreachable", error=f"{type(exc).__name__}: {exc}")
+    starting = asyncio.create_task(worker.start(connect_attempts=None))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        log.info("worker.stopped", unsettled_handed_back=0)
+        return 0
+    if starting.exception() is not None:
+        log.error("worker.start_failed", error=repr(starting.exception()))
         await worker.graph.aclose()
         return 1
-    await stop.wait()
+    await stopped
     log.info("worker.stopping", grace_period=settings.shutdown_grace_period)
     await worker.stop()
     return 0

@@ -20,6 +20,7 @@ from worker.errors import (
     InvalidCommand,
     InviteError,
     OutcomeKind,
+    RedeliveredTooOften,
     TokenUnavailable,
     outcome_for,
 )
@@ -194,6 +195,16 @@ def from_error(
                 http_status=None,
                 error_code=error.error,
                 error_message=error.description,
+                request_id=None,
+                client_request_id=None,
+            )
+        case RedeliveredTooOften():
+            data = FailedData(
+                **common,
+                reason="redelivered_too_often",
+                http_status=None,
+                error_code=None,
+                error_message=str(error),
                 request_id=None,
                 client_request_id=None,
             )

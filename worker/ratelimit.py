@@ -7,6 +7,10 @@ request was actually written to the wire (the Graph client reports it), not the 
 was granted, because what Graph counts is arrivals: a request that waited for a fresh TLS
 connection after its grant would otherwise arrive closer to its successors than the log
 believes. A new grant waits until the oldest of the last N was sent more than a window ago.
+
+A 429 from Graph throttles the whole tenant (`throttle`): nothing is granted before its
+Retry-After has passed, the tenant's limit is halved, and it then grows back by a tenth of
+the configured limit per second without another 429.
 """
 
 from __future__ import annotations
@@ -55,15 +59,40 @@ class SlidingWindowLimiter:
         self._grants: deque[Grant] = deque(maxlen=limit)
         self._lock = asyncio.Lock()
         self.stamped = asyncio.Event()
+        self._blocked_until = 0.0
+        self._reduced_limit = limit
+        self._recovery_step = max(1.0, limit / 10)
+
+    def throttle(self, retry_after: float) -> None:
+        """Graph answered 429: pause the tenant for `retry_after` seconds and halve its rate."""
+        now = self.clock()
+        self._reduced_limit = max(1, self.current_limit() // 2)
+        self._blocked_until = max(self._blocked_until, now + retry_after)
+
+    def blocked_for(self) -> float:
+        """Seconds until the tenant may be sent anything again after a 429."""
+        return max(0.0, self._blocked_until - self.clock())
+
+    def current_limit(self) -> int:
+        """The limit in force: the configured one, or less while recovering from a 429."""
+        if self._reduced_limit >= self.limit:
+            return self.limit
+        recovering_for = max(0.0, self.clock() - self._blocked_until)
+        grown = self._reduced_limit + int(recovering_for * self._recovery_step)
+        if grown >= self.limit:
+            self._reduced_limit = self.limit
+        return min(self.limit, grown)
 
     def delay(self) -> float:
         """Seconds until a grant is possible: 0 if one is free, inf while the oldest is unsent."""
-        if len(self._grants) < self.limit:
-            return 0.0
-        sent_at = self._grants[0].sent_at
+        blocked = self.blocked_for()
+        limit = self.current_limit()
+        if len(self._grants) < limit:
+            return blocked
+        sent_at = self._grants[-limit].sent_at
         if sent_at is None:
             return math.inf
-        return max(0.0, sent_at + self._span - self.clock())
+        return max(blocked, sent_at + self._span - self.clock())
 
     async def acquire(self) -> Grant:
         """Wait for a grant. The caller must call `mark_sent` on it, also when not sending."""

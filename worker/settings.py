@@ -9,6 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.retry import RetryPolicy
+
 #: Hosts of Microsoft's own Entra ID clouds; any other authority host (a sovereign cloud
 #: reached through a custom name, the simulator) needs MSAL's instance discovery turned off.
 MICROSOFT_AUTHORITY_HOSTS = frozenset(
@@ -79,7 +81,29 @@ class Settings(BaseSettings):
     ssl_cert_file: Path | None = Field(None, validation_alias="SSL_CERT_FILE")
     requests_ca_bundle: Path | None = Field(None, validation_alias="REQUESTS_CA_BUNDLE")
 
+    # --- Retries, poison messages, the circuit breaker -------------------------------------
+    #: Graph requests per command, the first included.
+    retry_max_attempts: int = Field(5, ge=1, le=50, validation_alias="RETRY_MAX_ATTEMPTS")
+    #: Seconds from a command's first delivery after which no new attempt starts.
+    retry_max_elapsed: float = Field(120.0, gt=0, validation_alias="RETRY_MAX_ELAPSED")
+    retry_base_delay: float = Field(0.5, gt=0, validation_alias="RETRY_BASE_DELAY")
+    retry_max_delay: float = Field(30.0, gt=0, validation_alias="RETRY_MAX_DELAY")
+    #: Waits up to this many seconds happen in the process; longer ones in a delay queue.
+    retry_in_process_max: float = Field(2.0, ge=0, validation_alias="RETRY_IN_PROCESS_MAX")
+    #: Retry a request that was sent but got no answer (Graph may have acted already).
+    retry_ambiguous: bool = Field(False, validation_alias="RETRY_AMBIGUOUS")
+    #: Redeliveries after which a command is treated as poison: failed and dead-lettered.
+    max_redeliveries: int = Field(5, ge=1, le=100, validation_alias="COMMAND_MAX_REDELIVERIES")
+    #: Settled commandIds remembered so that a redelivery does not call Graph again.
+    settled_memory: int = Field(10_000, ge=0, validation_alias="SETTLED_MEMORY")
+    #: Transient Graph failures in a row that open the circuit (stop consuming).
+    circuit_failure_threshold: int = Field(5, ge=1, validation_alias="CIRCUIT_FAILURE_THRESHOLD")
+    circuit_open_seconds: float = Field(5.0, gt=0, validation_alias="CIRCUIT_OPEN_SECONDS")
+    circuit_max_open_seconds: float = Field(60.0, gt=0, validation_alias="CIRCUIT_MAX_OPEN_SECONDS")
+
     # --- Process --------------------------------------------------------------------------
+    #: Port of /healthz, /readyz and /metrics (0: no health server).
+    health_port: int = Field(8080, ge=0, le=65535, validation_alias="HEALTH_PORT")
     #: Seconds that in-flight commands get to finish after SIGTERM.
     shutdown_grace_period: float = Field(25.0, ge=0, validation_alias="SHUTDOWN_GRACE_PERIOD")
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
@@ -114,6 +138,21 @@ class Settings(BaseSettings):
         if self.azure_client_secret is not None and self.azure_client_certificate_path:
             raise ValueError("set AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH, not both")
         return self
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.retry_max_attempts,
+            max_elapsed=self.retry_max_elapsed,
+            base_delay=self.retry_base_delay,
+            max_delay=self.retry_max_delay,
+            in_process_limit=self.retry_in_process_max,
+            retry_ambiguous=self.retry_ambiguous,
+        )
+
+    def delay_queue(self, seconds: int) -> str:
+        """The delay queue that returns commands to the command queue after `seconds`."""
+        return f"{self.command_queue}.delay.{seconds}s"
 
     @property
     def prefetch_count(self) -> int:

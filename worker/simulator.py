@@ -43,7 +43,7 @@ from typing import Any, Required, TypedDict, TypeGuard, Unpack
 from urllib.parse import parse_qsl, quote, unquote
 
 from worker.certs import DEFAULT_HOSTNAMES, prepare_server_tls
-from worker.simulator_http import (
+from worker.http_server import (
     CLOSE_TIMEOUT_SECONDS,
     MAX_HEAD_BYTES,
     ConnectionAction,

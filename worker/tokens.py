@@ -20,6 +20,7 @@ import httpx
 import msal
 
 from worker.errors import TokenUnavailable
+from worker.metrics import Metrics
 from worker.settings import Settings
 
 GRAPH_SCOPES = ["https://graph.microsoft.com/.default"]
@@ -33,6 +34,9 @@ class TokenProvider(Protocol):
     """Hands out a bearer token for a tenant, or raises `TokenUnavailable`."""
 
     async def token(self, tenant_id: str) -> str: ...
+
+    async def invalidate(self, tenant_id: str) -> None:
+        """Forget the tenant's token: Graph refused it (401)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +107,10 @@ class MsalHttpClient:
 class MsalTokenProvider:
     """Tokens for any number of tenants of one multi-tenant app registration."""
 
-    def __init__(self, settings: Settings, *, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, settings: Settings, *, metrics: Metrics | None = None, clock: Any = time.monotonic
+    ) -> None:
+        self._metrics = metrics or Metrics()
         self._client_id = settings.azure_client_id
         self._credential = client_credential(settings)
         self._authority_host = settings.azure_authority_host
@@ -130,7 +137,12 @@ class MsalTokenProvider:
             if cached is not None and self._clock() < cached.refresh_at:
                 return cached.value
             self.acquisitions += 1
-            result = await asyncio.to_thread(self._acquire, tenant_id)
+            try:
+                result = await asyncio.to_thread(self._acquire, tenant_id)
+            except TokenUnavailable:
+                self._metrics.token_acquisitions.inc("failure")
+                raise
+            self._metrics.token_acquisitions.inc("success")
             token = result["access_token"]
             expires_in = float(result.get("expires_in", 0))
             lifetime = max(expires_in - _REFRESH_BEFORE_EXPIRY, expires_in / 2)
@@ -138,6 +150,13 @@ class MsalTokenProvider:
                 lifetime = min(lifetime, float(result["refresh_on"]) - time.time())
             self._tokens[tenant_id] = _Token(token, self._clock() + max(lifetime, 0.0))
             return str(token)
+
+    async def invalidate(self, tenant_id: str) -> None:
+        self._tokens.pop(tenant_id, None)
+        app = self._apps.get(tenant_id)
+        if app is not None:
+            # MSAL would otherwise answer the next request from its own cache.
+            await asyncio.to_thread(app.remove_tokens_for_client)
 
     def _acquire(self, tenant_id: str) -> dict[str, Any]:
         """Runs in a worker thread: MSAL blocks on network I/O."""
@@ -155,8 +174,10 @@ class MsalTokenProvider:
             result: dict[str, Any] = app.acquire_token_for_client(scopes=GRAPH_SCOPES)
         except ValueError as exc:  # MSAL's word for a failed authority discovery
             raise TokenUnavailable("authority_discovery_failed", _short(str(exc))) from None
-        except httpx.TransportError as exc:
-            raise TokenUnavailable("identity_provider_unreachable", type(exc).__name__) from None
+        except httpx.HTTPError as exc:  # no answer, or a 5xx that MSAL raises for
+            raise TokenUnavailable(
+                "identity_provider_unreachable", type(exc).__name__, transient=True
+            ) from None
         if "access_token" not in result:
             raise TokenUnavailable(
                 str(result.get("error", "unknown_error")),

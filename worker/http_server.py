@@ -1,4 +1,4 @@
-"""Minimal HTTP/1.1 server plumbing for the Graph simulator.
+"""Minimal HTTP/1.1 server plumbing, for the Graph simulator and the health endpoint.
 
 Just enough HTTP/1.1 for the clients the project uses (httpx, requests under MSAL,
 curl): one request at a time per connection, keep-alive, ``Content-Length`` bodies
@@ -105,8 +105,8 @@ async def serve_connection(
             try:
                 result = await handler(request)
             except Exception:
-                logger.exception("simulator handler failed for %s %s", request.method, request.path)
-                result = error_response(500, "The simulator failed to handle the request.")
+                logger.exception("HTTP handler failed for %s %s", request.method, request.path)
+                result = error_response(500, "The server failed to handle the request.")
                 result.close = True
             if result is ConnectionAction.RESET:
                 _reset(writer)
