@@ -48,6 +48,28 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(amqp_url=args.amqp_url, examples=args.examples, worker_log=args.worker_log)
 
 
+def _dead_letters(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from worker import deadletters  # noqa: PLC0415
+    from worker.settings import Settings  # noqa: PLC0415
+
+    settings = Settings()
+    if args.action == "list":
+        for letter in asyncio.run(deadletters.list_dead_letters(settings)):
+            print(json.dumps(letter.summary(), default=str))
+        return 0
+    if not args.all and not args.command_id:
+        print("replay needs --all or --command-id", file=sys.stderr)
+        return 2
+    wanted = None if args.all else set(args.command_id)
+    replayed = asyncio.run(deadletters.replay(settings, wanted))
+    for letter in replayed:
+        print(json.dumps({"replayed": letter.command_id, "messageId": letter.message_id}))
+    print(f"{len(replayed)} command(s) moved to {settings.command_queue}", file=sys.stderr)
+    return 0
+
+
 def _schemas(args: argparse.Namespace) -> int:
     from worker import schemas  # noqa: PLC0415
 
@@ -90,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples", type=Path, default=Path("schemas/examples"))
     demo.add_argument("--worker-log", type=Path, help="keep the worker's log lines in this file")
     demo.set_defaults(handler=_demo)
+
+    dead = commands.add_parser(
+        "dead-letters", help="list the dead-letter queue, or replay commands from it"
+    )
+    dead.add_argument("action", choices=["list", "replay"])
+    dead.add_argument("--all", action="store_true", help="replay every dead-lettered command")
+    dead.add_argument(
+        "--command-id", action="append", default=[], help="replay this command (repeatable)"
+    )
+    dead.set_defaults(handler=_dead_letters)
 
     schema = commands.add_parser("schemas", help="write (or --check) the JSON Schemas")
     schema.add_argument("--directory", type=Path, default=Path("schemas"))
