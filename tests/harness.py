@@ -17,6 +17,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from worker.consumer import topology_names
 from worker.lifecycle import Worker
 from worker.settings import Settings
 
@@ -56,17 +57,10 @@ class Broker:
         assert self.connection is not None
         channel = await self.connection.channel()
         for settings in self._cleanup:
-            for queue in (
-                settings.command_queue,
-                settings.dead_letter_queue,
-                settings.unrouted_outcome_queue,
-            ):
+            queues, exchanges = topology_names(settings)
+            for queue in queues:
                 await channel.queue_delete(queue)
-            for exchange in (
-                settings.outcome_exchange,
-                settings.dead_letter_exchange,
-                settings.unrouted_outcome_queue,
-            ):
+            for exchange in exchanges:
                 await channel.exchange_delete(exchange)
         await self.connection.close()
 

@@ -124,6 +124,22 @@ async def declare_topology(
     return commands, outcomes, dlx
 
 
+def topology_names(settings: Settings) -> tuple[list[str], list[str]]:
+    """The names of every queue and exchange `declare_topology` declares."""
+    queues = [
+        settings.command_queue,
+        settings.dead_letter_queue,
+        settings.unrouted_outcome_queue,
+        *(settings.delay_queue(seconds) for seconds in DELAY_BUCKETS),
+    ]
+    exchanges = [
+        settings.outcome_exchange,
+        settings.dead_letter_exchange,
+        settings.unrouted_outcome_queue,
+    ]
+    return queues, exchanges
+
+
 def delay_bucket(seconds: float) -> int:
     """The shortest delay queue that waits at least `seconds`."""
     return next((b for b in DELAY_BUCKETS if b >= seconds), DELAY_BUCKETS[-1])

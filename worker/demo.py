@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import aio_pika
 
+from worker.consumer import topology_names
+from worker.settings import Settings
 from worker.simulator import SimulatorThread
 
 TENANT = "8a1c1f43-6b7e-4b38-9b7d-5c2a3e4f5a6b"
@@ -60,14 +62,20 @@ async def _demo(amqp_url: str, examples: Path, worker_log: Path | None) -> int:
         )
         return 1
     prefix = f"demo-{uuid.uuid4().hex[:8]}"
-    queue_name, exchange_name = f"{prefix}.invite.commands", f"{prefix}.invite.outcomes"
+    # Names of the demo's own, so that it never touches a real deployment's queues.
+    names = Settings.model_validate(
+        {
+            "COMMAND_QUEUE": f"{prefix}.invite.commands",
+            "OUTCOME_EXCHANGE": f"{prefix}.invite.outcomes",
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp, SimulatorThread(directory=Path(tmp)) as sim:
         log_path = worker_log or Path(tmp) / "worker.log"
         env = {
             **os.environ,
             "AMQP_URL": amqp_url,
-            "COMMAND_QUEUE": queue_name,
-            "OUTCOME_EXCHANGE": exchange_name,
+            "COMMAND_QUEUE": names.command_queue,
+            "OUTCOME_EXCHANGE": names.outcome_exchange,
             "GRAPH_BASE_URL": sim.graph_base_url,
             "AZURE_AUTHORITY_HOST": sim.authority_host,
             "AZURE_TENANT_ID": TENANT,
@@ -76,6 +84,7 @@ async def _demo(amqp_url: str, examples: Path, worker_log: Path | None) -> int:
             "SSL_CERT_FILE": str(sim.ca_file),
             "REQUESTS_CA_BUNDLE": str(sim.ca_file),
             "LOG_FORMAT": "json",
+            "HEALTH_PORT": "0",
         }
         env.pop("AZURE_CLIENT_CERTIFICATE_PATH", None)
         print(f"simulator: {sim.base_url} (CA {sim.ca_file})")
@@ -84,10 +93,10 @@ async def _demo(amqp_url: str, examples: Path, worker_log: Path | None) -> int:
                 [sys.executable, "-m", "worker", "run"], env=env, stdout=log_file, stderr=log_file
             )
             try:
-                ok = await _run(connection, worker, log_path, prefix, commands)
+                ok = await _run(connection, worker, log_path, names, commands)
             finally:
                 code = _stop(worker)
-                await _clean_up(connection, prefix)
+                await _clean_up(connection, names)
         print(f"worker: exited {code} after SIGTERM; its canonical log lines:")
         _print_settled_lines(log_path)
         tokens = len(sim.token_requests)
@@ -99,16 +108,15 @@ async def _run(
     connection: aio_pika.abc.AbstractConnection,
     worker: subprocess.Popen[bytes],
     log_path: Path,
-    prefix: str,
+    topology: Settings,
     commands: list[tuple[str, bytes, str]],
 ) -> bool:
-    queue_name, exchange_name = f"{prefix}.invite.commands", f"{prefix}.invite.outcomes"
     if not await _wait_ready(worker, log_path):
         print("worker: did not become ready; its log:", file=sys.stderr)
         print(log_path.read_text(), file=sys.stderr)
         return False
     channel = await connection.channel()
-    exchange = await channel.get_exchange(exchange_name)
+    exchange = await channel.get_exchange(topology.outcome_exchange)
     outcomes = await channel.declare_queue(exclusive=True, auto_delete=True)
     await outcomes.bind(exchange, routing_key="#")
     names: dict[str, tuple[str, str]] = {}
@@ -121,7 +129,7 @@ async def _run(
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
-            routing_key=queue_name,
+            routing_key=topology.command_queue,
         )
         print(f"published {name}  commandId={command_id}")
     ok = True
@@ -165,12 +173,13 @@ def _stop(worker: subprocess.Popen[bytes]) -> int | None:
         return None
 
 
-async def _clean_up(connection: aio_pika.abc.AbstractConnection, prefix: str) -> None:
+async def _clean_up(connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
     channel = await connection.channel()
-    for queue in ("invite.commands", "invite.commands.dead", "invite.outcomes.unrouted"):
-        await channel.queue_delete(f"{prefix}.{queue}")
-    for exchange in ("invite.outcomes", "invite.commands.dlx", "invite.outcomes.unrouted"):
-        await channel.exchange_delete(f"{prefix}.{exchange}")
+    queues, exchanges = topology_names(settings)
+    for queue in queues:
+        await channel.queue_delete(queue)
+    for exchange in exchanges:
+        await channel.exchange_delete(exchange)
     await connection.close()
 
 
