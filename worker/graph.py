@@ -17,6 +17,7 @@ from worker import __version__
 from worker.errors import GraphNoAnswer, GraphUnreachable
 from worker.invite import GraphAccepted, InviteRequest, interpret
 from worker.settings import Settings
+from worker.transport import AiohttpTransport
 
 
 def _nothing() -> None:
@@ -34,6 +35,13 @@ class GraphClient:
             ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
         )
         slots = settings.graph_max_in_flight
+        if transport is None and settings.graph_http_transport == "aiohttp":
+            transport = AiohttpTransport(
+                verify=verify,
+                max_connections=slots,
+                connect_timeout=settings.graph_connect_timeout,
+                read_timeout=settings.graph_read_timeout,
+            )
         self._client = httpx.AsyncClient(
             base_url=settings.graph_base_url,
             verify=verify,

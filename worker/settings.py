@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -54,6 +55,11 @@ class Settings(BaseSettings):
     #: Invite requests per tenant in any one-second window, per worker process.
     graph_tenant_rate_limit: int = Field(
         100, ge=1, le=3000, validation_alias="GRAPH_TENANT_RATE_LIMIT"
+    )
+    #: What carries Graph requests under httpx: aiohttp's pool (the default, faster with many
+    #: connections) or httpx's own (httpcore).
+    graph_http_transport: Literal["aiohttp", "httpcore"] = Field(
+        "aiohttp", validation_alias="GRAPH_HTTP_TRANSPORT"
     )
     #: Seconds to connect to Graph, and to wait for its answer once the request is sent.
     graph_connect_timeout: float = Field(5.0, gt=0, validation_alias="GRAPH_CONNECT_TIMEOUT")
