@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,48 @@ def test_run_refuses_invalid_settings_naming_the_variable_but_not_its_value() ->
     assert result.returncode == 2
     assert "GRAPH_BASE_URL" in result.stderr
     assert "graph.example" not in result.stderr
+
+
+def test_sigterm_while_waiting_for_an_unreachable_broker_exits_0(tmp_path: Path) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "AMQP_URL": "amqp://guest:guest@127.0.0.1:9/",
+        "AZURE_CLIENT_SECRET": "not-used",
+        "HEALTH_PORT": "0",
+        "LOG_FORMAT": "json",
+    }
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=log_file,
+        )
+        try:
+            for _ in range(100):
+                if '"broker.unreachable"' in log_path.read_text():
+                    break
+                time.sleep(0.05)
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=15) == 0
+        finally:
+            worker.kill()
+    events = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
+    assert "broker.unreachable" in events
+    assert events[-1] == "worker.stopped"
+
+
+def test_run_without_a_credential_exits_2_and_says_which_variables() -> None:
+    env = {"PATH": "/usr/bin:/bin", "HEALTH_PORT": "0", "LOG_FORMAT": "json"}
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "AZURE_CLIENT_SECRET" in result.stdout

@@ -11,6 +11,7 @@ commands whole, and exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -133,7 +134,11 @@ class Worker:
 
 async def run(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; the exit code of the process."""
-    worker = Worker(settings)
+    try:
+        worker = Worker(settings)
+    except (ValueError, OSError) as exc:  # an unusable credential: nothing can work
+        log.error("worker.invalid_credential", error=str(exc))
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,14 +147,18 @@ async def run(settings: Settings) -> int:
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
+        # Stopped while still starting (waiting for the broker): close what was opened.
         starting.cancel()
-        log.info("worker.stopped", unsettled_handed_back=0)
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await worker.stop(grace_period=0)
         return 0
+    stopped.cancel()
     if starting.exception() is not None:
         log.error("worker.start_failed", error=repr(starting.exception()))
-        await worker.graph.aclose()
+        await worker.stop(grace_period=0)
         return 1
-    await stopped
+    await stop.wait()
     log.info("worker.stopping", grace_period=settings.shutdown_grace_period)
     await worker.stop()
     return 0
