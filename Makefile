@@ -1,7 +1,7 @@
 # One task runner for laptops and CI. `uv run --frozen` installs exactly what uv.lock pins.
 RUN := uv run --frozen
 
-.PHONY: install test lint format typecheck schemas check demo run simulator
+.PHONY: install test lint format typecheck schemas deploy-check check demo run simulator
 
 install:  ## the virtual environment, from the lock file
 	uv sync --frozen
@@ -23,7 +23,20 @@ typecheck:
 schemas:  ## regenerate schemas/ from the models
 	$(RUN) invite-worker schemas --directory schemas
 
-check: lint typecheck test
+# The image and k8s/ without a Docker engine or a cluster: hadolint, yamllint, then
+# tests/test_deploy.py (the image's install step replayed and run as its user; every manifest
+# rendered and validated against Kubernetes 1.30 and KEDA's schemas), then checkov.
+# checkov pins packaging<24, which the dev group's pytest cannot use, so it has a locked group of
+# its own (pyproject.toml) installed into a throwaway environment, never beside the tests.
+CHECKOV := uv run --frozen --isolated --only-group checkov checkov --quiet --compact --skip-download
+deploy-check:  ## Dockerfile and k8s/ checks (no Docker engine or cluster needed)
+	$(RUN) hadolint --config .hadolint.yaml Dockerfile
+	$(RUN) yamllint --strict --config-file .yamllint .yamllint .hadolint.yaml k8s/
+	$(RUN) pytest -q tests/test_deploy.py
+	$(CHECKOV) --framework dockerfile --file Dockerfile
+	$(CHECKOV) --framework kubernetes --directory k8s
+
+check: lint typecheck test deploy-check
 
 demo:  ## the whole job on this machine: RabbitMQ, simulator, worker, the document's examples
 	.ci/rabbitmq
@@ -34,3 +47,8 @@ run:  ## the production process, configured by environment variables
 
 simulator:  ## the local HTTPS Graph and Entra ID stand-in
 	$(RUN) invite-worker simulator
+
+.PHONY: bench
+bench:  ## the benchmark (not a test): worker vs the floor; writes benchmarks/results/latest.{json,md}
+	.ci/rabbitmq
+	uv run --frozen --group bench python -m benchmarks.run
