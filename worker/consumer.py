@@ -41,7 +41,8 @@ PUBLISH_TIMEOUT = 10.0
 DELAY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 #: Headers the worker sets on retried and dead-lettered copies of a command.
 ATTEMPTS_HEADER = "x-invite-attempts"
-FIRST_RECEIVED_HEADER = "x-invite-first-received"
+#: Epoch milliseconds, an integer: AMQP header floats are 32-bit and would lose a minute.
+FIRST_RECEIVED_HEADER = "x-invite-first-received-ms"
 _BROKER_HEADERS = frozenset(
     {
         "x-death",
@@ -155,16 +156,17 @@ def _int_header(headers: dict[str, Any], name: str, upper: int) -> int:
 def to_delivery(message: AbstractIncomingMessage) -> Delivery:
     """The handler's view of a message; headers are untrusted and checked here."""
     headers = message.headers or {}
-    first = headers.get(FIRST_RECEIVED_HEADER)
+    first_ms = headers.get(FIRST_RECEIVED_HEADER)
     now = time.time()
     # A first-received time from the future or older than a day is not believed.
     first_received = (
-        float(first)
-        if isinstance(first, int | float)
-        and not isinstance(first, bool)
-        and now - 86_400 < first <= now + 60
+        first_ms / 1000
+        if isinstance(first_ms, int)
+        and not isinstance(first_ms, bool)
+        and now - 86_400 < first_ms / 1000 <= now + 60
         else None
     )
+
     return Delivery(
         message.body,
         message.content_type,
@@ -220,7 +222,9 @@ class CommandConsumer:
         )
         self._consume_channel = await connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=self._settings.prefetch_count)
-        self._queue = await self._consume_channel.get_queue(commands.name, ensure=False)
+        # Declared (passively) through the robust channel, so that the consumer is restored
+        # after the connection is re-established.
+        self._queue = await self._consume_channel.get_queue(commands.name, ensure=True)
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
         self.connected = True
@@ -266,7 +270,9 @@ class CommandConsumer:
                 await channel.set_qos(prefetch_count=1)
                 await self._consume()
             else:
+                # The broker applies a prefetch to consumers started after it: restart ours.
                 await channel.set_qos(prefetch_count=self._settings.prefetch_count)
+                await self._cancel()
                 await self._consume()
         except (AMQPError, ConnectionError, RuntimeError):
             log.warning("graph.circuit_follow_failed", state=state.value)
@@ -301,17 +307,19 @@ class CommandConsumer:
         return len(self._active)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # aio-pika runs each delivery in a task of its own.
-        task = asyncio.current_task()
-        if task is not None:
-            self._active.add(task)
+        # The command runs in a task of its own, shielded from the delivery task that
+        # aio-pika cancels when the channel closes: a command whose invite is under way is
+        # finished and remembered, so that its redelivery is not sent to Graph again.
+        task = asyncio.get_running_loop().create_task(self._process(message))
+        self._active.add(task)
         self._idle.clear()
-        try:
-            await self._process(message)
-        finally:
-            self._active.discard(task)
-            if not self._active:
-                self._idle.set()
+        task.add_done_callback(self._done)
+        await asyncio.shield(task)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._active.discard(task)
+        if not self._active:
+            self._idle.set()
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
@@ -397,7 +405,7 @@ class CommandConsumer:
             message,
             {
                 ATTEMPTS_HEADER: handled.attempts,
-                FIRST_RECEIVED_HEADER: handled.first_received,
+                FIRST_RECEIVED_HEADER: round(handled.first_received * 1000),
                 "x-invite-last-status": handled.http_status,
                 "x-invite-last-error": handled.error_type,
             },
