@@ -7,6 +7,7 @@ must never reach a log line, whoever wrote the line: secrets by key, phone numbe
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -24,13 +25,18 @@ def _mask_phone(match: re.Match[str]) -> str:
     return f"+***{match.group(0)[-3:]}"
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_secret_key(key: str) -> bool:
+    # Field names come from a small, fixed set: each is checked once.
+    return _SECRET_KEYS.search(key) is not None
+
+
 def redact(value: Any) -> Any:
     if isinstance(value, str):
-        return _PHONE.sub(_mask_phone, value)
+        # Most strings hold no "+" at all; only those can hold an E.164 number.
+        return _PHONE.sub(_mask_phone, value) if "+" in value else value
     if isinstance(value, dict):
-        return {
-            k: "[redacted]" if _SECRET_KEYS.search(str(k)) else redact(v) for k, v in value.items()
-        }
+        return {k: "[redacted]" if _is_secret_key(str(k)) else redact(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     return value
@@ -40,9 +46,9 @@ def redact_processor(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key, value in event_dict.items():
-        if _SECRET_KEYS.search(key):
+        if _is_secret_key(key):
             event_dict[key] = "[redacted]"
-        elif isinstance(value, str | dict | list | tuple):
+        elif value is not None and not isinstance(value, int | float):
             event_dict[key] = redact(value)
     return event_dict
 
