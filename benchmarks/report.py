@@ -1,0 +1,231 @@
+"""What each scenario found, and the short markdown table of it with the targets' PASS/FAIL."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from benchmarks.measure import RunResult
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Saturation:
+    runs: list[RunResult]
+    """In the order they ran: floor, worker, worker, floor, so that a drift in the machine's
+    load over the scenario weighs on both alike."""
+    floor_rate: float
+    worker_rate: float
+    ratio: float
+    """The worker's mean throughput over the floor's."""
+
+    @classmethod
+    def of(cls, runs: list[RunResult]) -> Saturation:
+        floor = statistics.mean(r.cmds_per_second for r in runs if r.program == "floor")
+        worker = statistics.mean(r.cmds_per_second for r in runs if r.program == "worker")
+        return cls(runs, floor, worker, worker / floor)
+
+
+@dataclass(frozen=True)
+class Realistic:
+    floor: RunResult
+    worker: RunResult
+    added_p99_over_floor_ms: float
+
+
+@dataclass(frozen=True)
+class RateBound:
+    worker: RunResult
+    limit: int
+    invites: int
+    achieved_rate: float
+    """Invites per second, averaged over the whole one-second windows from the first arrival."""
+    busiest_window: int
+    """Most invite arrivals in any one-second window."""
+    busiest_window_at: float
+    """Where that window starts: seconds after the first arrival."""
+
+
+@dataclass(frozen=True)
+class Backlog:
+    worker: RunResult
+    rss_from: int
+    rss_to: int
+    rss_from_bytes: int
+    rss_to_bytes: int
+    rss_growth: float
+    budget_seconds: float | None
+    """Set when the worker was too slow for the full backlog in this many seconds."""
+
+
+@dataclass(frozen=True)
+class Startup:
+    seconds: list[float]
+    median_seconds: float
+    max_seconds: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+
+
+ScenarioResult = Saturation | Realistic | RateBound | Backlog | Startup | Failed
+
+
+@dataclass(frozen=True)
+class Target:
+    target: str
+    measured: str
+    passed: bool
+
+
+def targets(scenarios: Mapping[str, ScenarioResult]) -> list[Target]:
+    """The issue's targets, for the scenarios that ran without an error."""
+    found: list[Target] = []
+    for result in scenarios.values():
+        match result:
+            case Saturation(ratio=ratio, worker_rate=worker, floor_rate=floor):
+                found.append(
+                    Target(
+                        "Saturation throughput ≥ 0.8 x floor (means of 2 runs each)",
+                        f"{ratio:.2f} x ({worker:,.0f} / {floor:,.0f} cmds/s)",
+                        ratio >= 0.8,
+                    )
+                )
+            case RateBound(limit=limit, achieved_rate=achieved, busiest_window=busiest):
+                found.append(
+                    Target(
+                        f"Rate-bound: achieved rate ≥ 0.97 x {limit}/s",
+                        f"{achieved:.1f}/s ({achieved / limit:.3f} x)",
+                        achieved >= 0.97 * limit,
+                    )
+                )
+                found.append(
+                    Target(
+                        f"Rate-bound: no one-second window above {limit}",
+                        f"busiest window {busiest}",
+                        busiest <= limit,
+                    )
+                )
+            case Realistic(worker=worker, floor=floor):
+                p99 = worker.latency_ms["p99"]
+                found.append(
+                    Target(
+                        "Latency added by the worker at half of saturation load: p99 ≤ 20 ms",
+                        f"{p99:.1f} ms (floor {floor.latency_ms['p99']:.1f} ms)",
+                        p99 <= 20.0,
+                    )
+                )
+            case Backlog():
+                found.append(
+                    Target(
+                        f"RSS growth < 10% from {result.rss_from:,} to {result.rss_to:,} commands",
+                        f"{result.rss_from_bytes / MIB:.1f} → {result.rss_to_bytes / MIB:.1f} MiB "
+                        f"({result.rss_growth:+.1%})",
+                        result.rss_growth < 0.10,
+                    )
+                )
+            case Startup(max_seconds=worst, median_seconds=median):
+                found.append(
+                    Target(
+                        f"Start to ready ≤ 2 s (slowest of {len(result.seconds)})",
+                        f"{worst:.2f} s (median {median:.2f} s)",
+                        worst <= 2.0,
+                    )
+                )
+    return found
+
+
+def _number(value: float, digits: int = 0) -> str:
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _run_row(scenario: str, run: RunResult, ratio: float | None, note: str) -> str:
+    # A pre-loaded run's publish-to-outcome time is queueing; it stays in the JSON only.
+    latency = run.latency_ms if run.paced_rate is not None else {}
+    return _row(
+        scenario,
+        run.program,
+        f"{run.commands:,}",
+        _number(run.cmds_per_second),
+        "-" if ratio is None else f"{ratio:.2f}",
+        _number(run.cpu_seconds_per_1000, 2),
+        *(_number(latency.get(p, math.nan), 1) for p in ("p50", "p95", "p99")),
+        _number(run.peak_rss_bytes / MIB, 1),
+        note,
+    )
+
+
+def _cpu_note(run: RunResult) -> str:
+    return (
+        f"CPU cores: {run.program} {run.cpu_cores:.2f}, simulator {run.simulator_cpu_cores:.2f}, "
+        f"broker {_number(run.broker_cpu_cores, 2)}, harness {run.harness_cpu_cores:.2f}, "
+        f"machine {run.machine_busy_cores:.2f}"
+    )
+
+
+def _rows(name: str, result: ScenarioResult) -> list[str]:
+    match result:
+        case Saturation(runs=runs, floor_rate=floor_rate):
+            return [
+                _run_row(
+                    f"saturation {n}/{len(runs)}: latency 0, {run.tenants} tenants",
+                    run,
+                    run.cmds_per_second / floor_rate,
+                    _cpu_note(run),
+                )
+                for n, run in enumerate(runs, 1)
+            ]
+        case Realistic(floor=floor, worker=worker, added_p99_over_floor_ms=extra):
+            latency = worker.simulator_latency_ms
+            label = (
+                f"realistic: latency {latency:.0f} ms, "
+                f"{worker.tenants} tenants, paced {worker.paced_rate or 0:.0f}/s"
+            )
+            warmup = f"first {worker.warmup_seconds:.1f} s not counted"
+            return [
+                _run_row(label, floor, None, f"latency less {latency:.0f} ms, {warmup}"),
+                _run_row(label, worker, None, f"p99 {extra:+.1f} ms over the floor's; {warmup}"),
+            ]
+        case RateBound(worker=worker, limit=limit, achieved_rate=rate, busiest_window=busiest):
+            note = (
+                f"invites {rate:.1f}/s; busiest one-second window {busiest}, from "
+                f"+{result.busiest_window_at:.2f} s; {_cpu_note(worker)}"
+            )
+            return [_run_row(f"rate-bound: 1 tenant, {limit}/s", worker, None, note)]
+        case Backlog(worker=worker, budget_seconds=budget):
+            samples = ", ".join(
+                f"{count:,}: {rss / MIB:.1f}" for count, rss in worker.rss_by_outcomes.items()
+            )
+            label = f"backlog: {worker.commands:,} queued"
+            if budget is not None:
+                label += f" (what {budget / 60:.0f} min at the saturation rate allow)"
+            return [_run_row(label, worker, None, f"RSS MiB after n outcomes: {samples}")]
+        case Startup(seconds=seconds, median_seconds=median, max_seconds=worst):
+            each = ", ".join(f"{s:.2f}" for s in seconds)
+            note = f"start → ready: median {median:.2f} s, max {worst:.2f} s ({each})"
+            return [_row(f"start-up: {len(seconds)} starts", "worker", *[""] * 8, note)]
+        case Failed(error=error):
+            return [_row(name, "-", *[""] * 8, f"ERROR: {error}")]
+
+
+def table(scenarios: Mapping[str, ScenarioResult], found: list[Target]) -> str:
+    """Markdown: one row per measured run, then the targets."""
+    lines = [
+        "| Scenario | Program | Commands | cmds/s | x floor | CPU s/1000 | p50 ms | p95 ms "
+        "| p99 ms | Peak RSS MiB | Notes |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for name, result in scenarios.items():
+        lines += _rows(name, result)
+    lines += ["", "| Target | Measured | Result |", "|---|---|---|"]
+    lines += [_row(t.target, t.measured, "PASS" if t.passed else "FAIL") for t in found]
+    return "\n".join(lines)
