@@ -114,18 +114,23 @@ class _RetryLater:
 class SettledCommands:
     """Recently settled commands by commandId, so that a redelivery does not invite twice.
 
-    `confirmed` outcomes were published: a redelivery is only acknowledged. Unconfirmed
-    ones are published again (same event id) instead of calling Graph again.
+    Confirmed outcomes were published: a redelivery is only acknowledged, and only the id is
+    kept. Unconfirmed ones keep their event, published again (same event id) instead of
+    calling Graph again.
     """
 
     capacity: int = 10_000
-    _entries: OrderedDict[str, tuple[OutcomeEvent, bool]] = field(default_factory=OrderedDict)
+    _entries: OrderedDict[str, OutcomeEvent | None] = field(default_factory=OrderedDict)
 
-    def get(self, command_id: str) -> tuple[OutcomeEvent, bool] | None:
-        return self._entries.get(command_id)
+    def get(self, command_id: str) -> tuple[OutcomeEvent | None, bool] | None:
+        """(event, confirmed) for a settled command; None when it is not remembered."""
+        if command_id not in self._entries:
+            return None
+        event = self._entries[command_id]
+        return event, event is None
 
     def remember(self, command_id: str, event: OutcomeEvent, *, confirmed: bool) -> None:
-        self._entries[command_id] = (event, confirmed)
+        self._entries[command_id] = None if confirmed else event
         self._entries.move_to_end(command_id)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
