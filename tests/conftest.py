@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.harness import AMQP_URL, TENANT_A, Broker
+from tests.harness import AMQP_URL, TENANT_A, TENANT_B, Broker, isolated_settings
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 
@@ -61,15 +61,18 @@ def make_settings(simulator: SimulatorThread, **overrides: Any) -> Settings:
         "GRAPH_BASE_URL": simulator.graph_base_url,
         "AZURE_AUTHORITY_HOST": simulator.authority_host,
         "AZURE_TENANT_ID": TENANT_A,
+        "ALLOWED_TENANT_IDS": f"{TENANT_A},{TENANT_B}",
         "AZURE_CLIENT_ID": CLIENT_ID,
         "AZURE_CLIENT_SECRET": CLIENT_SECRET,
         "SSL_CERT_FILE": ca_file,
         "REQUESTS_CA_BUNDLE": ca_file,
         "SHUTDOWN_GRACE_PERIOD": 5,
+        # No health server unless a test asks for one: a fixed port would be shared.
+        "HEALTH_PORT": 0,
     }
     values.update(overrides)
-    # model_validate reads no environment variables: each test states all it depends on.
-    return Settings.model_validate(values)
+    # The machine's environment does not leak in: each test states all it depends on.
+    return isolated_settings(values)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from worker.lifecycle import Worker
 from worker.settings import Settings
@@ -32,6 +34,8 @@ class Outcome:
     correlation_id: str | None
     content_type: str | None
     event: dict[str, Any]
+    #: time.monotonic() when the test received it.
+    arrived: float = 0.0
 
     @property
     def data(self) -> dict[str, Any]:
@@ -140,6 +144,7 @@ class OutcomeCollector:
                 correlation_id=message.correlation_id,
                 content_type=message.content_type,
                 event=json.loads(message.body),
+                arrived=time.monotonic(),
             )
         )
         self._changed.set()
@@ -199,3 +204,22 @@ def command(
     }
     body.update(fields)
     return body
+
+
+class IsolatedSettings(Settings):
+    """Settings from the given values alone: the machine's environment does not leak in."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def isolated_settings(values: dict[str, Any]) -> Settings:
+    return IsolatedSettings.model_validate(values)

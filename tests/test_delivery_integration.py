@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_settings
-from tests.harness import Broker, command, running_worker
+from tests.harness import TENANT_A, Broker, command, running_worker
 from worker import deadletters
 from worker.settings import Settings
 from worker.simulator import FaultRule, SimulatorThread
@@ -42,7 +42,7 @@ async def test_a_long_retry_after_waits_in_a_delay_queue_and_the_command_then_su
         await broker.publish(settings, command(command_id=command_id))
         [outcome] = await collector.wait_for(1, timeout=30)
         assert worker.metrics.retries_scheduled.value("broker") == 1
-        assert worker.metrics.throttled.value() == 1
+        assert worker.metrics.throttled.value(TENANT_A) == 1
     assert outcome.routing_key == "invite.accepted"
     assert outcome.data["attempts"] == 2
     assert [i.status for i in simulator.invites] == [429, 200]
@@ -121,9 +121,10 @@ async def test_health_endpoints_report_liveness_readiness_and_metrics(
         await broker.publish(settings, command(command_id=new_id()))
         await collector.wait_for(1)
         metrics = (await http.get("/metrics")).text
-        assert 'invite_outcomes_total{outcome="invite.accepted"} 1' in metrics
-        assert 'invite_graph_requests_total{status="200"} 1' in metrics
-        assert 'invite_token_acquisitions_total{result="success"} 1' in metrics
+        tenant = f'tenant="{TENANT_A}"'
+        assert f'invite_outcomes_total{{outcome="invite.accepted",{tenant}}} 1' in metrics
+        assert f'invite_graph_requests_total{{status="200",{tenant}}} 1' in metrics
+        assert f'invite_token_acquisitions_total{{result="success",{tenant}}} 1' in metrics
         assert "invite_graph_request_duration_seconds_count 1" in metrics
         await worker.consumer.stop_consuming()
         # Draining: alive, but not ready for more work.

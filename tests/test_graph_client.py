@@ -8,16 +8,16 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from tests.harness import isolated_settings
 from worker.errors import GraphNoAnswer, GraphRefused, GraphUnreachable
 from worker.graph import GraphClient
 from worker.invite import InviteRequest
-from worker.settings import Settings
 
 REQUEST = InviteRequest("t1", "/communications/calls/c1/participants/invite", b"{}", "cmd-1")
 
 
 def client(handler: Callable[[httpx.Request], httpx.Response]) -> GraphClient:
-    return GraphClient(Settings.model_validate({}), transport=httpx.MockTransport(handler))
+    return GraphClient(isolated_settings({}), transport=httpx.MockTransport(handler))
 
 
 async def test_a_200_becomes_accepted_with_operation_location_and_request_id() -> None:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.fakes import FakeGraph, FakeTokens
-from tests.harness import TENANT_A, TENANT_B, command
+from tests.harness import TENANT_A, TENANT_B, command, isolated_settings
 from worker.errors import GraphNoAnswer, GraphRefused, GraphUnreachable, OutcomeKind
 from worker.handler import Delivery, Handled, InviteHandler
 from worker.outcomes import OutcomeEvent
@@ -17,8 +17,13 @@ from worker.settings import Settings
 
 
 def settings(**values: Any) -> Settings:
-    return Settings.model_validate(
-        {"AZURE_TENANT_ID": TENANT_A, "RETRY_BASE_DELAY": 0.01, **values}
+    return isolated_settings(
+        {
+            "AZURE_TENANT_ID": TENANT_A,
+            "ALLOWED_TENANT_IDS": f"{TENANT_A},{TENANT_B}",
+            "RETRY_BASE_DELAY": 0.01,
+            **values,
+        }
     )
 
 
@@ -46,9 +51,6 @@ def refused(status: int, retry_after: float | None = None) -> GraphRefused:
 
 async def test_in_flight_graph_requests_never_exceed_the_setting() -> None:
     graph = FakeGraph(latency=0.05)
-    results = await asyncio.gather(
-        *(handler(graph, GRAPH_MAX_IN_FLIGHT=3).handle(delivery()) for _ in range(1))
-    )
     shared = handler(graph, GRAPH_MAX_IN_FLIGHT=3)
     results = await asyncio.gather(*(shared.handle(delivery()) for _ in range(12)))
     assert {event(r).kind for r in results} == {OutcomeKind.ACCEPTED}
@@ -244,3 +246,24 @@ async def test_shutdown_ends_an_in_process_wait_and_hands_the_retry_to_the_broke
     result = await asyncio.wait_for(task, 1)
     assert result.retry_in is not None
     assert result.attempts == 1
+
+
+async def test_a_tenant_off_the_allow_list_is_rejected_without_a_token_request() -> None:
+    graph, tokens = FakeGraph(), FakeTokens()
+    other = "44444444-4444-4444-8444-444444444444"
+    result = await handler(graph, tokens).handle(delivery(tenantId=other))
+    assert event(result).kind is OutcomeKind.REJECTED
+    assert event(result).data.model_dump()["problems"][0]["field"] == "tenantId"
+    assert (graph.sent, tokens.requests) == ([], [])
+
+
+async def test_a_tenants_own_rate_limit_overrides_the_default() -> None:
+    graph = FakeGraph()
+    shared = handler(graph, GRAPH_TENANT_RATE_LIMIT=100, TENANT_RATE_LIMITS={TENANT_B: 1})
+    soon = (datetime.now(UTC) + timedelta(milliseconds=300)).isoformat()
+    first = await shared.handle(delivery(tenantId=TENANT_B))
+    other = await shared.handle(delivery(tenantId=TENANT_A, deadline=soon))
+    second = await shared.handle(delivery(tenantId=TENANT_B, deadline=soon))
+    assert event(first).kind is OutcomeKind.ACCEPTED
+    assert event(second).kind is OutcomeKind.EXPIRED
+    assert event(other).kind is OutcomeKind.ACCEPTED

@@ -115,3 +115,18 @@ def test_instance_discovery_is_on_only_for_microsofts_authority_hosts(
     assert make_settings(
         simulator, AZURE_AUTHORITY_HOST="https://login.microsoftonline.us"
     ).authority_is_microsoft
+
+
+async def test_a_refused_tenant_fails_at_once_for_a_while_and_others_are_unaffected(
+    tmp_path: Path,
+) -> None:
+    with SimulatorThread(directory=tmp_path, revoked_tenants=[TENANT_B]) as simulator:
+        provider = MsalTokenProvider(make_settings(simulator, TOKEN_FAILURE_BACKOFF=60))
+        try:
+            for _ in range(3):
+                with pytest.raises(TokenUnavailable):
+                    await provider.token(TENANT_B)
+            assert await provider.token(TENANT_A)
+        finally:
+            provider.close()
+        assert sorted(r.tenant_id for r in simulator.token_requests) == [TENANT_A, TENANT_B]

@@ -101,6 +101,7 @@ class CommandConsumer:
         self._settings = settings
         self._handler = handler
         self._metrics = handler.metrics
+        self._served = settings.served_tenants
         self._queue: AbstractQueue | None = None
         self._consume_channel: AbstractChannel | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -292,7 +293,9 @@ class CommandConsumer:
         )
         confirmed = await self._publish(self._outcomes, message, event.type.value)
         if confirmed:
-            self._metrics.outcomes.inc(event.type.value)
+            tenant = event.data.tenant_id
+            label = tenant if tenant in self._served else "other"
+            self._metrics.outcomes.inc(event.type.value, label)
         return confirmed
 
     def _copy(self, message: AbstractIncomingMessage, extra: dict[str, Any]) -> aio_pika.Message:

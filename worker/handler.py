@@ -25,7 +25,9 @@ from worker.errors import (
     GraphNoAnswer,
     GraphRefused,
     GraphUnreachable,
+    InvalidCommand,
     InviteError,
+    Problem,
     RedeliveredTooOften,
     TokenUnavailable,
 )
@@ -35,6 +37,7 @@ from worker.metrics import Metrics
 from worker.outcomes import OutcomeEvent
 from worker.ratelimit import TenantRateLimits
 from worker.settings import Settings
+from worker.slots import FairSlots
 from worker.tokens import TokenProvider
 
 #: A second delivery of a command that is still being handled comes back after this long,
@@ -110,6 +113,14 @@ class _RetryLater:
     delay: float
 
 
+class _TenantPaused(Exception):
+    """A 429 paused the tenant while this command waited for its rate limit."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"tenant paused for {seconds:.1f} s")
+        self.seconds = seconds
+
+
 @dataclass(slots=True)
 class SettledCommands:
     """Recently settled commands by commandId, so that a redelivery does not invite twice.
@@ -152,7 +163,10 @@ class InviteHandler:
         self._settings = settings
         self._tokens = tokens
         self._sender = sender
-        self._limits = limits or TenantRateLimits(settings.graph_tenant_rate_limit)
+        self._limits = limits or TenantRateLimits(
+            settings.graph_tenant_rate_limit, overrides=settings.tenant_rate_limits
+        )
+        self._served = settings.served_tenants
         self.circuit = circuit or CircuitBreaker(
             threshold=settings.circuit_failure_threshold,
             open_for=settings.circuit_open_seconds,
@@ -160,7 +174,7 @@ class InviteHandler:
         )
         self.metrics = metrics or Metrics()
         self.policy = settings.retry_policy
-        self._in_flight = asyncio.Semaphore(settings.graph_max_in_flight)
+        self.slots = FairSlots(settings.graph_max_in_flight, settings.tenant_max_in_flight_share)
         self.in_flight_requests = 0
         self._clock = clock
         self._now = now
@@ -181,6 +195,13 @@ class InviteHandler:
                 default_tenant_id=self._settings.azure_tenant_id,
                 max_bytes=self._settings.max_command_bytes,
             )
+            if command.tenant_id not in self._served:
+                # Checked before any token request: an upstream cannot make the app act in a
+                # tenant nobody configured.
+                raise InvalidCommand(
+                    [Problem("tenantId", "is not a tenant this worker serves")],
+                    command={"commandId": command.command_id, "callId": command.call_id},
+                )
             settled = self.settled.get(command.command_id)
             if settled is not None:
                 event, confirmed = settled
@@ -267,12 +288,14 @@ class InviteHandler:
             if not self.circuit.allows_traffic:
                 return _RetryLater(max(self.circuit.reopens_in(), 1.0))
             blocked = limiter.blocked_for()
-            if blocked > self.policy.in_process_limit:
-                return _RetryLater(blocked)
-            if blocked > 0 and not await self._pause(blocked):
+            if blocked > 0 and (
+                blocked > self.policy.in_process_limit or not await self._pause(blocked)
+            ):
                 return _RetryLater(blocked)
             try:
                 return await self._attempt(command, request, progress)
+            except _TenantPaused as paused:
+                return _RetryLater(paused.seconds)
             except GraphRefused as error:
                 if error.status == 401 and not refreshed_token:
                     # An expired or revoked token: one fresh token, one more try.
@@ -294,12 +317,14 @@ class InviteHandler:
     ) -> GraphAccepted:
         token = await self._tokens.token(command.tenant_id)
         limiter = self._limits.for_tenant(command.tenant_id)
-        async with self._in_flight:
+        async with self.slots.slot(command.tenant_id):
             # The grant is taken last, right before sending, and stamped when the request
             # is written, so that the arrivals Graph sees keep the per-second promise.
             waited = self._clock()
-            grant = await limiter.acquire()
+            grant = await limiter.acquire_unless_paused(self.policy.in_process_limit)
             self.metrics.rate_limit_wait.observe(self._clock() - waited)
+            if grant is None:
+                raise _TenantPaused(limiter.blocked_for())
             self.in_flight_requests += 1
             sent = self._clock()
             try:
@@ -307,13 +332,13 @@ class InviteHandler:
                 progress.attempts += 1
                 answer = await self._sender.invite(request, token, grant.mark_sent)
             except GraphError as error:
-                self.metrics.graph_requests.inc(str(error.status or "none"))
+                self.metrics.graph_requests.inc(str(error.status or "none"), command.tenant_id)
                 raise
             finally:
                 grant.mark_sent()
                 self.in_flight_requests -= 1
         self.metrics.graph_latency.observe(self._clock() - sent)
-        self.metrics.graph_requests.inc(str(answer.status))
+        self.metrics.graph_requests.inc(str(answer.status), command.tenant_id)
         self.circuit.record_success()
         return answer
 
@@ -324,7 +349,7 @@ class InviteHandler:
         progress.note(error)
         if isinstance(error, GraphRefused) and error.status == 429:
             retry_after = error.retry_after
-            self.metrics.throttled.inc()
+            self.metrics.throttled.inc(command.tenant_id)
             if retry_after is not None:
                 self.metrics.retry_after.inc(amount=retry_after)
             wait = (

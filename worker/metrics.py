@@ -1,5 +1,8 @@
 """Prometheus metrics: a few counters, gauges and histograms, rendered in the text format.
 
+Tenant labels are bounded by the allow-list (ALLOWED_TENANT_IDS): a command for any other
+tenant is counted under `tenant="other"`.
+
 Kept to what the worker needs instead of a client library: updates are plain dict
 arithmetic on the event loop (no locks; every update happens on the loop's thread), and
 rendering happens only when `/metrics` is scraped.
@@ -114,13 +117,13 @@ class Metrics:
         )
         self.outcomes = Counter(
             "invite_outcomes_total",
-            "Outcome events confirmed by the broker, by outcome.",
-            ("outcome",),
+            "Outcome events confirmed by the broker, by outcome and tenant.",
+            ("outcome", "tenant"),
         )
         self.graph_requests = Counter(
             "invite_graph_requests_total",
-            "Graph invite requests by HTTP status ('none' when no answer came).",
-            ("status",),
+            "Graph invite requests by HTTP status ('none' when no answer came) and tenant.",
+            ("status", "tenant"),
         )
         self.graph_latency = Histogram(
             "invite_graph_request_duration_seconds",
@@ -131,7 +134,9 @@ class Metrics:
             "Time a request waited for its tenant's rate limit.",
         )
         self.throttled = Counter(
-            "invite_graph_throttled_total", "Graph answers with status 429 Too Many Requests."
+            "invite_graph_throttled_total",
+            "Graph answers with status 429 Too Many Requests, by tenant.",
+            ("tenant",),
         )
         self.retry_after = Counter(
             "invite_graph_retry_after_seconds_total",
@@ -139,8 +144,8 @@ class Metrics:
         )
         self.token_acquisitions = Counter(
             "invite_token_acquisitions_total",
-            "Token requests sent to Entra ID (not served from cache), by result.",
-            ("result",),
+            "Token requests sent to Entra ID (not served from cache), by result and tenant.",
+            ("result", "tenant"),
         )
         self.retries_scheduled = Counter(
             "invite_retries_scheduled_total",

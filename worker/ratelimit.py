@@ -19,7 +19,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 
 class Grant:
@@ -96,10 +96,20 @@ class SlidingWindowLimiter:
 
     async def acquire(self) -> Grant:
         """Wait for a grant. The caller must call `mark_sent` on it, also when not sending."""
+        grant = await self.acquire_unless_paused(math.inf)
+        assert grant is not None  # noqa: S101 - with no bound, acquiring only waits
+        return grant
+
+    async def acquire_unless_paused(self, max_blocked: float) -> Grant | None:
+        """Wait for a grant; None when a 429 blocks the tenant longer than `max_blocked`."""
         # The lock makes waiters take grants in arrival order, and keeps a waiter from
         # being overtaken by a newcomer that found a free slot first.
         async with self._lock:
             while (wait := self.delay()) > 0:
+                if self.blocked_for() > max_blocked:
+                    # A long pause after a 429: the caller hands the command to the broker
+                    # instead of holding its in-flight slot through the pause.
+                    return None
                 if math.isinf(wait):
                     self.stamped.clear()
                     await self.stamped.wait()
@@ -111,16 +121,23 @@ class SlidingWindowLimiter:
 
 
 class TenantRateLimits:
-    """One `SlidingWindowLimiter` per tenant, created on first use."""
+    """One `SlidingWindowLimiter` per tenant, created on first use.
 
-    def __init__(self, limit: int, *, margin: float = 0.02) -> None:
+    Every tenant gets `limit` unless `overrides` names its own.
+    """
+
+    def __init__(
+        self, limit: int, *, overrides: Mapping[str, int] | None = None, margin: float = 0.02
+    ) -> None:
         self._limit = limit
+        self._overrides = dict(overrides or {})
         self._margin = margin
         self._limiters: dict[str, SlidingWindowLimiter] = {}
 
     def for_tenant(self, tenant_id: str) -> SlidingWindowLimiter:
         limiter = self._limiters.get(tenant_id)
         if limiter is None:
-            limiter = SlidingWindowLimiter(self._limit, margin=self._margin)
+            limit = self._overrides.get(tenant_id, self._limit)
+            limiter = SlidingWindowLimiter(limit, margin=self._margin)
             self._limiters[tenant_id] = limiter
         return limiter

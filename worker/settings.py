@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.retry import RetryPolicy
 
@@ -25,6 +25,7 @@ MICROSOFT_AUTHORITY_HOSTS = frozenset(
     }
 )
 
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
 
@@ -56,6 +57,14 @@ class Settings(BaseSettings):
     graph_tenant_rate_limit: int = Field(
         100, ge=1, le=3000, validation_alias="GRAPH_TENANT_RATE_LIMIT"
     )
+    #: Per-tenant overrides of GRAPH_TENANT_RATE_LIMIT, as JSON: {"<tenant id>": 50, ...}.
+    tenant_rate_limits: dict[str, Annotated[int, Field(ge=1, le=3000)]] = Field(
+        default_factory=dict, validation_alias="TENANT_RATE_LIMITS"
+    )
+    #: Largest share of GRAPH_MAX_IN_FLIGHT one tenant may hold while other tenants wait.
+    tenant_max_in_flight_share: float = Field(
+        0.5, gt=0, le=1, validation_alias="TENANT_MAX_IN_FLIGHT_SHARE"
+    )
     #: What carries Graph requests under httpx: aiohttp's pool (the default, faster with many
     #: connections) or httpx's own (httpcore).
     graph_http_transport: Literal["aiohttp", "httpcore"] = Field(
@@ -69,6 +78,14 @@ class Settings(BaseSettings):
     azure_tenant_id: str = Field(
         "00000000-0000-0000-0000-000000000000", validation_alias="AZURE_TENANT_ID"
     )
+    #: Tenants served, comma-separated; commands for any other are rejected without a token
+    #: request. Empty: AZURE_TENANT_ID alone.
+    allowed_tenant_ids: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), validation_alias="ALLOWED_TENANT_IDS"
+    )
+    #: Seconds a tenant's refused token request (consent revoked, bad credential) is
+    #: remembered, so that its commands fail at once instead of asking Entra ID each time.
+    token_failure_backoff: float = Field(30.0, ge=0, validation_alias="TOKEN_FAILURE_BACKOFF")
     azure_client_id: str = Field(
         "00000000-0000-0000-0000-000000000000", validation_alias="AZURE_CLIENT_ID"
     )
@@ -138,6 +155,33 @@ class Settings(BaseSettings):
         if value not in {"json", "console", "auto"}:
             raise ValueError("must be json, console or auto")
         return value
+
+    @field_validator("allowed_tenant_ids", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("allowed_tenant_ids")
+    @classmethod
+    def _tenant_uuids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for tenant in value:
+            if not _UUID.fullmatch(tenant):
+                raise ValueError("tenant ids must be UUIDs")
+        return tuple(tenant.lower() for tenant in value)
+
+    @field_validator("tenant_rate_limits")
+    @classmethod
+    def _tenant_keys(cls, value: dict[str, int]) -> dict[str, int]:
+        if not all(_UUID.fullmatch(tenant) for tenant in value):
+            raise ValueError("keys must be tenant ids (UUIDs)")
+        return {tenant.lower(): limit for tenant, limit in value.items()}
+
+    @property
+    def served_tenants(self) -> frozenset[str]:
+        """The allow-list: ALLOWED_TENANT_IDS, or AZURE_TENANT_ID alone."""
+        return frozenset(self.allowed_tenant_ids or (self.azure_tenant_id.lower(),))
 
     @model_validator(mode="after")
     def _one_credential(self) -> Settings:

@@ -124,6 +124,8 @@ class MsalTokenProvider:
         self._apps: dict[str, Any] = {}
         self._tokens: dict[str, _Token] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._refusals: dict[str, tuple[TokenUnavailable, float]] = {}
+        self._refusal_backoff = settings.token_failure_backoff
         #: Requests that went to MSAL (not those served from this cache), for metrics.
         self.acquisitions = 0
 
@@ -131,18 +133,25 @@ class MsalTokenProvider:
         cached = self._tokens.get(tenant_id)
         if cached is not None and self._clock() < cached.refresh_at:
             return cached.value
+        self._raise_recent_refusal(tenant_id)
         lock = self._locks.setdefault(tenant_id, asyncio.Lock())
         async with lock:
             cached = self._tokens.get(tenant_id)
             if cached is not None and self._clock() < cached.refresh_at:
                 return cached.value
+            self._raise_recent_refusal(tenant_id)
             self.acquisitions += 1
             try:
                 result = await asyncio.to_thread(self._acquire, tenant_id)
-            except TokenUnavailable:
-                self._metrics.token_acquisitions.inc("failure")
+            except TokenUnavailable as refusal:
+                self._metrics.token_acquisitions.inc("failure", tenant_id)
+                if not refusal.transient:
+                    # A refusal (consent revoked, bad credential) stands for a while: the
+                    # tenant's other commands fail at once, without a thread each.
+                    self._refusals[tenant_id] = (refusal, self._clock() + self._refusal_backoff)
                 raise
-            self._metrics.token_acquisitions.inc("success")
+            self._refusals.pop(tenant_id, None)
+            self._metrics.token_acquisitions.inc("success", tenant_id)
             token = result["access_token"]
             expires_in = float(result.get("expires_in", 0))
             lifetime = max(expires_in - _REFRESH_BEFORE_EXPIRY, expires_in / 2)
@@ -150,6 +159,13 @@ class MsalTokenProvider:
                 lifetime = min(lifetime, float(result["refresh_on"]) - time.time())
             self._tokens[tenant_id] = _Token(token, self._clock() + max(lifetime, 0.0))
             return str(token)
+
+    def _raise_recent_refusal(self, tenant_id: str) -> None:
+        refusal = self._refusals.get(tenant_id)
+        if refusal is not None:
+            if self._clock() < refusal[1]:
+                raise refusal[0]
+            del self._refusals[tenant_id]
 
     async def invalidate(self, tenant_id: str) -> None:
         self._tokens.pop(tenant_id, None)

@@ -584,6 +584,10 @@ def render_table(rows: Iterable[BooksRow], failed: Collection[str] = ()) -> list
 # --- A scenario ----------------------------------------------------------------------------
 
 
+#: Tenants a scenario may spread its commands over.
+SUITE_TENANTS = 16
+
+
 def tenant_id(index: int) -> str:
     """A tenant of the suite's own; tenant 0 is TENANT_A, the workers' default."""
     return TENANT_A if index == 0 else str(uuid.UUID(int=0xFA0175 << 96 | index, version=4))
@@ -620,6 +624,8 @@ class Scenario:
             "GRAPH_BASE_URL": simulator.graph_base_url,
             "AZURE_AUTHORITY_HOST": simulator.authority_host,
             "AZURE_TENANT_ID": TENANT_A,
+            # Every tenant a scenario may name is served.
+            "ALLOWED_TENANT_IDS": ",".join(tenant_id(i) for i in range(SUITE_TENANTS)),
             "AZURE_CLIENT_ID": CLIENT_ID,
             "AZURE_CLIENT_SECRET": CLIENT_SECRET,
             "SSL_CERT_FILE": ca_file,

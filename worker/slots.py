@@ -1,0 +1,59 @@
+"""In-flight Graph request slots, shared fairly between tenants.
+
+At most `total` requests are in flight. A tenant may hold more than `share` of them only
+while no other tenant is waiting for one, so a tenant whose requests queue behind its own
+rate limit cannot take the slots the others need, and a lone tenant still gets them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class FairSlots:
+    def __init__(self, total: int, share: float) -> None:
+        self.total = total
+        #: Slots one tenant may hold while others wait.
+        self.cap = max(1, math.ceil(total * share))
+        self._held: Counter[str] = Counter()
+        self._waiting: Counter[str] = Counter()
+        self._in_use = 0
+        self._changed = asyncio.Condition()
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    def held_by(self, tenant_id: str) -> int:
+        return self._held[tenant_id]
+
+    def _may_take(self, tenant_id: str) -> bool:
+        if self._in_use >= self.total:
+            return False
+        if self._held[tenant_id] < self.cap:
+            return True
+        return not any(count for tenant, count in self._waiting.items() if tenant != tenant_id)
+
+    @asynccontextmanager
+    async def slot(self, tenant_id: str) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting[tenant_id] += 1
+            try:
+                await self._changed.wait_for(lambda: self._may_take(tenant_id))
+            finally:
+                self._waiting[tenant_id] -= 1
+                if not self._waiting[tenant_id]:
+                    del self._waiting[tenant_id]
+            self._held[tenant_id] += 1
+            self._in_use += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._held[tenant_id] -= 1
+                self._in_use -= 1
+                self._changed.notify_all()
