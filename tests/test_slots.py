@@ -29,30 +29,34 @@ async def test_a_lone_tenant_may_use_every_slot() -> None:
     assert slots.in_use == 0
 
 
-async def test_a_tenant_over_its_share_waits_while_another_tenant_waits() -> None:
+async def test_a_freed_slot_goes_to_the_waiting_tenant_under_its_share() -> None:
     slots = FairSlots(4, share=0.5)
-    release_a = asyncio.Event()
-    order: list[str] = []
+    releases: dict[str, list[asyncio.Event]] = {"a": [], "b": []}
 
-    async def hold(tenant: str, until: asyncio.Event) -> None:
+    async def hold(tenant: str) -> None:
+        done = asyncio.Event()
+        releases[tenant].append(done)
         async with slots.slot(tenant):
-            order.append(tenant)
-            await until.wait()
+            await done.wait()
 
-    a_tasks = [asyncio.create_task(hold("a", release_a)) for _ in range(2)]
+    tasks = [asyncio.create_task(hold(t)) for t in ("a", "a", "b", "b")]
     await asyncio.sleep(0.01)
-    b_done = asyncio.Event()
-    b_tasks = [asyncio.create_task(hold("b", b_done)) for _ in range(3)]
-    more_a = asyncio.create_task(hold("a", release_a))
+    # Every slot is taken; a (at its share) asks first, b (at its share too) after it.
+    tasks.append(asyncio.create_task(hold("a")))
     await asyncio.sleep(0.01)
-    # a holds its share (2); b takes the 2 free slots; a third b and a third a both wait,
-    # and when a slot frees up, a (over its share) must not take it while b waits.
-    assert slots.held_by("a") == 2
-    assert slots.held_by("b") == 2
-    release_a.set()
+    tasks.append(asyncio.create_task(hold("b")))
     await asyncio.sleep(0.01)
-    assert slots.held_by("b") == 3
-    b_done.set()
-    await asyncio.gather(*a_tasks, *b_tasks, more_a)
-    assert order.count("a") == 3
-    assert order.count("b") == 3
+    # One of b's slots frees up: a is over its share while b waits, so b gets it,
+    # although a has waited longer.
+    releases["b"][0].set()
+    await asyncio.sleep(0.01)
+    assert (slots.held_by("a"), slots.held_by("b")) == (2, 2)
+    releases["b"][2].set()
+    await asyncio.sleep(0.01)
+    # Nobody else waits now: a may go over its share.
+    assert slots.held_by("a") == 3
+    for events in releases.values():
+        for event in events:
+            event.set()
+    await asyncio.gather(*tasks)
+    assert slots.in_use == 0

@@ -15,6 +15,7 @@ from cryptography.x509.oid import NameOID
 from tests.conftest import CLIENT_SECRET, make_settings
 from tests.harness import TENANT_A, TENANT_B
 from worker.errors import TokenUnavailable
+from worker.metrics import Metrics
 from worker.simulator import SimulatorThread
 from worker.tokens import MsalTokenProvider, client_credential
 
@@ -68,7 +69,8 @@ async def test_a_certificate_credential_gets_a_token(
 async def test_concurrent_callers_share_one_token_request_per_tenant(
     simulator: SimulatorThread,
 ) -> None:
-    provider = MsalTokenProvider(make_settings(simulator))
+    metrics = Metrics()
+    provider = MsalTokenProvider(make_settings(simulator), metrics=metrics)
     try:
         tokens = await asyncio.gather(
             *(provider.token(tenant) for tenant in [TENANT_A] * 20 + [TENANT_B] * 20)
@@ -79,7 +81,8 @@ async def test_concurrent_callers_share_one_token_request_per_tenant(
     assert len(set(tokens[20:])) == 1
     assert tokens[0] != tokens[20]
     assert sorted(r.tenant_id for r in simulator.token_requests) == [TENANT_A, TENANT_B]
-    assert provider.acquisitions == 2
+    for tenant in (TENANT_A, TENANT_B):
+        assert metrics.token_acquisitions.value("success", tenant) == 1
 
 
 async def test_a_wrong_secret_is_token_unavailable_with_entras_error(

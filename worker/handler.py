@@ -198,10 +198,7 @@ class InviteHandler:
             if command.tenant_id not in self._served:
                 # Checked before any token request: an upstream cannot make the app act in a
                 # tenant nobody configured.
-                raise InvalidCommand(
-                    [Problem("tenantId", "is not a tenant this worker serves")],
-                    command={"commandId": command.command_id, "callId": command.call_id},
-                )
+                raise InvalidCommand([Problem("tenantId", "is not a tenant this worker serves")])
             settled = self.settled.get(command.command_id)
             if settled is not None:
                 event, confirmed = settled

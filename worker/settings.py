@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.messages import UUID
 from worker.retry import RetryPolicy
 
 #: Hosts of Microsoft's own Entra ID clouds; any other authority host (a sovereign cloud
@@ -25,7 +26,6 @@ MICROSOFT_AUTHORITY_HOSTS = frozenset(
     }
 )
 
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
 
@@ -167,14 +167,14 @@ class Settings(BaseSettings):
     @classmethod
     def _tenant_uuids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for tenant in value:
-            if not _UUID.fullmatch(tenant):
+            if not UUID.fullmatch(tenant):
                 raise ValueError("tenant ids must be UUIDs")
         return tuple(tenant.lower() for tenant in value)
 
     @field_validator("tenant_rate_limits")
     @classmethod
     def _tenant_keys(cls, value: dict[str, int]) -> dict[str, int]:
-        if not all(_UUID.fullmatch(tenant) for tenant in value):
+        if not all(UUID.fullmatch(tenant) for tenant in value):
             raise ValueError("keys must be tenant ids (UUIDs)")
         return {tenant.lower(): limit for tenant, limit in value.items()}
 

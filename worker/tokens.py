@@ -126,8 +126,6 @@ class MsalTokenProvider:
         self._locks: dict[str, asyncio.Lock] = {}
         self._refusals: dict[str, tuple[TokenUnavailable, float]] = {}
         self._refusal_backoff = settings.token_failure_backoff
-        #: Requests that went to MSAL (not those served from this cache), for metrics.
-        self.acquisitions = 0
 
     async def token(self, tenant_id: str) -> str:
         cached = self._tokens.get(tenant_id)
@@ -140,7 +138,6 @@ class MsalTokenProvider:
             if cached is not None and self._clock() < cached.refresh_at:
                 return cached.value
             self._raise_recent_refusal(tenant_id)
-            self.acquisitions += 1
             try:
                 result = await asyncio.to_thread(self._acquire, tenant_id)
             except TokenUnavailable as refusal:
