@@ -23,8 +23,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from benchmarks.processes import ROOT, Sample
+from worker.amqp.topology import declare_topology, topology_names
 from worker.settings import Settings
-from worker.topology import declare_topology, topology_names
 
 EXAMPLE_COMMAND = ROOT / "schemas" / "examples" / "example-1-invite-one-participant.json"
 TENANTS = tuple(f"{n:08x}-be00-4000-8000-000000000000" for n in range(1, 17))

@@ -12,8 +12,8 @@ import pytest
 import pytest_asyncio
 
 from tests.harness import AMQP_URL, TENANT_A, TENANT_B, Broker, isolated_settings
+from worker.devtools.simulator import SimulatorThread
 from worker.settings import Settings
-from worker.simulator import SimulatorThread
 
 CLIENT_ID = "6731de76-14a6-49ae-97bc-6eba6914391e"
 CLIENT_SECRET = "test-client-secret-value"

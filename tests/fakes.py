@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
-from worker.errors import TokenUnavailable
-from worker.invite import GraphAccepted, InviteRequest
+from worker.core.errors import TokenUnavailable
+from worker.core.invite import GraphAccepted, InviteRequest
 
 
 class FakeTokens:

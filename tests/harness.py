@@ -19,9 +19,9 @@ from aio_pika.abc import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from worker.lifecycle import Worker
+from worker.amqp.topology import topology_names
+from worker.app import Worker
 from worker.settings import Settings
-from worker.topology import topology_names
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TENANT_A = "11111111-1111-4111-8111-111111111111"

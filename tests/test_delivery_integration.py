@@ -14,9 +14,9 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.harness import TENANT_A, Broker, command, running_worker
-from worker import deadletters
+from worker.devtools.simulator import FaultRule, SimulatorThread
+from worker.ops import deadletters
 from worker.settings import Settings
-from worker.simulator import FaultRule, SimulatorThread
 
 pytestmark = pytest.mark.integration
 

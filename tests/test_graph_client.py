@@ -8,9 +8,9 @@ import httpx
 import pytest
 
 from tests.harness import isolated_settings
-from worker.errors import GraphNoAnswer, GraphRefused, GraphUnreachable
-from worker.graph import GraphClient
-from worker.invite import InviteRequest
+from worker.core.errors import GraphNoAnswer, GraphRefused, GraphUnreachable
+from worker.core.invite import InviteRequest
+from worker.graph.client import GraphClient
 
 REQUEST = InviteRequest("t1", "/communications/calls/c1/participants/invite", b"{}", "cmd-1")
 

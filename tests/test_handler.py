@@ -10,9 +10,9 @@ from typing import Any
 
 from tests.fakes import FakeGraph, FakeTokens
 from tests.harness import TENANT_A, TENANT_B, command, isolated_settings
-from worker.errors import GraphNoAnswer, GraphRefused, GraphUnreachable, OutcomeKind
-from worker.handler import Delivery, Handled, InviteHandler
-from worker.outcomes import OutcomeEvent
+from worker.core.errors import GraphNoAnswer, GraphRefused, GraphUnreachable, OutcomeKind
+from worker.core.handler import Delivery, Handled, InviteHandler
+from worker.core.outcomes import OutcomeEvent
 from worker.settings import Settings
 
 

@@ -8,7 +8,7 @@ import logging
 
 import structlog
 
-from worker import logs
+from worker.observability import logs
 
 
 def render(**fields: object) -> dict[str, object]:

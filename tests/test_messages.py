@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.errors import InvalidCommand
-from worker.messages import Command, parse_command
+from worker.core.commands import Command, parse_command
+from worker.core.errors import InvalidCommand
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "schemas" / "examples"
 DEFAULT_TENANT = "11111111-1111-4111-8111-111111111111"

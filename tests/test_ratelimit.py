@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from worker.ratelimit import SlidingWindowLimiter, TenantRateLimits
+from worker.core.ratelimit import SlidingWindowLimiter, TenantRateLimits
 
 
 async def test_no_window_holds_more_sends_than_the_limit() -> None:

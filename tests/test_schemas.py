@@ -9,9 +9,16 @@ from typing import Any
 import jsonschema
 import pytest
 
-from worker import outcomes, schemas
-from worker.errors import DeadlinePassed, GraphRefused, InvalidCommand, Problem, TokenUnavailable
-from worker.messages import parse_command
+from worker.core import outcomes
+from worker.core.commands import parse_command
+from worker.core.errors import (
+    DeadlinePassed,
+    GraphRefused,
+    InvalidCommand,
+    Problem,
+    TokenUnavailable,
+)
+from worker.ops import schemas
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 

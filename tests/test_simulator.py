@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -26,13 +25,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from worker.certs import generate_tls_material, load_or_generate_tls_material
-from worker.simulator import (
+from worker.cli import build_parser
+from worker.devtools.certs import generate_tls_material, load_or_generate_tls_material
+from worker.devtools.simulator import (
     GRAPH_SCOPE,
     FaultRule,
     Simulator,
     SimulatorThread,
-    add_arguments,
 )
 
 CLIENT_ID = "0b8c3b1e-7f55-4d43-9a36-1c5b0b8f1e21"
@@ -673,20 +672,14 @@ def test_simulator_thread_serves_sync_msal_and_httpx(
 
 
 def test_cli_prints_a_ready_line_and_exits_0_on_sigterm(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    defaults = parser.parse_args([])
+    defaults = build_parser().parse_args(["simulator"])
     assert (defaults.host, defaults.port, defaults.directory) == (
         "127.0.0.1",
         8443,
         Path(".simulator"),
     )
     script = (
-        "import argparse, asyncio, sys\n"
-        "from worker.simulator import add_arguments, run_from_args\n"
-        "parser = argparse.ArgumentParser()\n"
-        "add_arguments(parser)\n"
-        "sys.exit(asyncio.run(run_from_args(parser.parse_args(sys.argv[1:]))))\n"
+        "import sys\nfrom worker.cli import main\nsys.exit(main(['simulator', *sys.argv[1:]]))\n"
     )
     args = ["--port", "0", "--directory", str(tmp_path), "--revoked-tenant", REVOKED_TENANT]
     with subprocess.Popen(  # noqa: S603 - a fixed command line

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from worker.slots import FairSlots
+from worker.core.slots import FairSlots
 
 
 async def test_a_lone_tenant_may_use_every_slot() -> None:

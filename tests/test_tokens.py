@@ -14,10 +14,10 @@ from cryptography.x509.oid import NameOID
 
 from tests.conftest import CLIENT_SECRET, make_settings
 from tests.harness import TENANT_A, TENANT_B
-from worker.errors import TokenUnavailable
-from worker.metrics import Metrics
-from worker.simulator import SimulatorThread
-from worker.tokens import MsalTokenProvider, client_credential
+from worker.core.errors import TokenUnavailable
+from worker.devtools.simulator import SimulatorThread
+from worker.graph.tokens import MsalTokenProvider, client_credential
+from worker.observability.metrics import Metrics
 
 
 def write_certificate(path: Path, password: bytes | None = None) -> Path:

@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.harness import TENANT_A, TENANT_B, Broker, command, running_worker
+from worker.devtools.simulator import FaultRule, SimulatorThread
 from worker.settings import Settings
-from worker.simulator import FaultRule, SimulatorThread
 
 pytestmark = pytest.mark.integration
 

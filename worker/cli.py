@@ -14,7 +14,10 @@ from worker import __version__
 
 
 def _run(_args: argparse.Namespace) -> int:
-    from worker import lifecycle, logs  # noqa: PLC0415 - keep `--version` and `schemas` light
+    # Every subcommand imports its implementation here, when it runs: `run` and `healthcheck`
+    # load nothing of the developer tooling, and `--version` loads almost nothing.
+    from worker import app  # noqa: PLC0415
+    from worker.observability import logs  # noqa: PLC0415
     from worker.settings import Settings  # noqa: PLC0415
 
     try:
@@ -26,24 +29,24 @@ def _run(_args: argparse.Namespace) -> int:
             print(f"invalid setting {where}: {error['msg']}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    return asyncio.run(lifecycle.run(settings))
+    return asyncio.run(app.run(settings))
 
 
 def _healthcheck(_args: argparse.Namespace) -> int:
-    from worker.health import probe  # noqa: PLC0415
+    from worker.observability.health import probe  # noqa: PLC0415
     from worker.settings import Settings  # noqa: PLC0415
 
     return 0 if probe(Settings().health_port) else 1
 
 
 def _simulator(args: argparse.Namespace) -> int:
-    from worker import simulator  # noqa: PLC0415
+    from worker.devtools import simulator  # noqa: PLC0415
 
     return asyncio.run(simulator.run_from_args(args))
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from worker import demo  # noqa: PLC0415
+    from worker.devtools import demo  # noqa: PLC0415
 
     return demo.main(amqp_url=args.amqp_url, examples=args.examples, worker_log=args.worker_log)
 
@@ -51,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _dead_letters(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
 
-    from worker import deadletters  # noqa: PLC0415
+    from worker.ops import deadletters  # noqa: PLC0415
     from worker.settings import Settings  # noqa: PLC0415
 
     settings = Settings()
@@ -71,7 +74,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 
 def _schemas(args: argparse.Namespace) -> int:
-    from worker import schemas  # noqa: PLC0415
+    from worker.ops import schemas  # noqa: PLC0415
 
     if args.check:
         drifted = schemas.drifted(args.directory)
@@ -81,6 +84,18 @@ def _schemas(args: argparse.Namespace) -> int:
     for path in schemas.write(args.directory):
         print(path)
     return 0
+
+
+def _simulator_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `invite-worker simulator`, declared here so that parsing imports no devtools."""
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    add("--port", type=int, default=8443, help="port to bind (default: %(default)s)")
+    add("--directory", type=Path, default=Path(".simulator"), help="where the CA goes")
+    add("--latency", type=float, default=0.0, help="seconds added to every invite answer")
+    add("--token-lifetime", type=int, default=3600, help="token lifetime in seconds")
+    add("--client-secret", default=None, help="the only client secret accepted (default: any)")
+    add("--revoked-tenant", action="append", default=[], help="tenant whose consent is revoked")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(handler=_healthcheck)
 
     sim = commands.add_parser("simulator", help="run the local HTTPS Graph and Entra ID simulator")
-    from worker import simulator  # noqa: PLC0415
-
-    simulator.add_arguments(sim)
+    _simulator_arguments(sim)
     sim.set_defaults(handler=_simulator)
 
     demo = commands.add_parser(

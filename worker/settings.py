@@ -10,8 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.messages import UUID
-from worker.retry import RetryPolicy
+from worker.core.commands import UUID
+from worker.core.retry import RetryPolicy
 
 #: Hosts of Microsoft's own Entra ID clouds; any other authority host (a sovereign cloud
 #: reached through a custom name, the simulator) needs MSAL's instance discovery turned off.

@@ -33,9 +33,9 @@ from aio_pika.exceptions import AMQPError
 
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.harness import TENANT_A, command
+from worker.amqp.topology import DELAY_BUCKETS, declare_topology
+from worker.devtools.simulator import RecordedInvite, SimulatorThread
 from worker.settings import Settings
-from worker.simulator import RecordedInvite, SimulatorThread
-from worker.topology import DELAY_BUCKETS, declare_topology
 
 T = TypeVar("T")
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from tests.faults.harness import Books, Scenario, Sent
 from tests.harness import command
-from worker.simulator import SimulatorThread
+from worker.devtools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.harness import Scenario, rabbitmqctl, restart_broker_app
-from worker.simulator import SimulatorThread
+from worker.devtools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.harness import EXIT_SLACK, Scenario
-from worker.simulator import FaultRule, SimulatorThread
+from worker.devtools.simulator import FaultRule, SimulatorThread
 
 pytestmark = pytest.mark.integration
 

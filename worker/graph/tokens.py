@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import httpx
 import msal
 
-from worker.errors import TokenUnavailable
-from worker.metrics import Metrics
+from worker.core.errors import TokenUnavailable
+from worker.observability.metrics import Metrics
 from worker.settings import Settings
 
 GRAPH_SCOPES = ["https://graph.microsoft.com/.default"]

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Required, TypedDict, TypeGuard, Unpack
 from urllib.parse import parse_qsl, quote, unquote
 
-from worker.certs import DEFAULT_HOSTNAMES, prepare_server_tls
-from worker.http_server import (
+from worker.devtools.certs import DEFAULT_HOSTNAMES, prepare_server_tls
+from worker.observability.http_server import (
     CLOSE_TIMEOUT_SECONDS,
     MAX_HEAD_BYTES,
     ConnectionAction,
@@ -743,18 +743,6 @@ async def run_forever(
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``invite-worker simulator``."""
-    add = parser.add_argument
-    add("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    add("--port", type=int, default=8443, help="port to bind (default: %(default)s)")
-    add("--directory", type=Path, default=Path(".simulator"), help="where the CA goes")
-    add("--latency", type=float, default=0.0, help="seconds added to every invite answer")
-    add("--token-lifetime", type=int, default=3600, help="token lifetime in seconds")
-    add("--client-secret", default=None, help="the only client secret accepted (default: any)")
-    add("--revoked-tenant", action="append", default=[], help="tenant whose consent is revoked")
 
 
 async def run_from_args(args: argparse.Namespace) -> int:

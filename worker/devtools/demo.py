@@ -22,9 +22,9 @@ from typing import IO, Any
 
 import aio_pika
 
+from worker.amqp.topology import topology_names
+from worker.devtools.simulator import SimulatorThread
 from worker.settings import Settings
-from worker.simulator import SimulatorThread
-from worker.topology import topology_names
 
 TENANT = "8a1c1f43-6b7e-4b38-9b7d-5c2a3e4f5a6b"
 CLIENT_ID = "3f5d2c1b-0a9e-4d8c-b7a6-1e2f3a4b5c6d"

@@ -24,14 +24,14 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError
 
-from worker.circuit import CircuitState
-from worker.errors import Settlement, settlement_for
-from worker.handler import Delivery, Handled, InviteHandler
-from worker.outcomes import OutcomeEvent
+from worker.amqp.topology import declare_topology, delay_bucket
+from worker.core.circuit import CircuitState
+from worker.core.errors import Settlement, settlement_for
+from worker.core.handler import Delivery, Handled, InviteHandler
+from worker.core.outcomes import OutcomeEvent
 from worker.settings import Settings
-from worker.topology import declare_topology, delay_bucket
 
-log = structlog.get_logger("worker.consumer")
+log = structlog.get_logger("worker.amqp.consumer")
 
 OUTCOME_CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
 #: Seconds before a command whose outcome the broker refused goes back to the queue, so

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from worker.errors import GraphRefused
-from worker.messages import Command
-from worker.retry import parse_retry_after
+from worker.core.commands import Command
+from worker.core.errors import GraphRefused
+from worker.core.retry import parse_retry_after
 
 _MAX_ERROR_MESSAGE = 500
 

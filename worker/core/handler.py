@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from worker import outcomes
-from worker.circuit import CircuitBreaker
-from worker.errors import (
+from worker.core import outcomes
+from worker.core.circuit import CircuitBreaker
+from worker.core.commands import Command, parse_command
+from worker.core.errors import (
     DeadlinePassed,
     GraphError,
     GraphNoAnswer,
@@ -31,14 +32,13 @@ from worker.errors import (
     RedeliveredTooOften,
     TokenUnavailable,
 )
-from worker.invite import GraphAccepted, InviteRequest, build_request
-from worker.messages import Command, parse_command
-from worker.metrics import Metrics
-from worker.outcomes import OutcomeEvent
-from worker.ratelimit import TenantRateLimits
+from worker.core.invite import GraphAccepted, InviteRequest, build_request
+from worker.core.outcomes import OutcomeEvent
+from worker.core.ratelimit import TenantRateLimits
+from worker.core.slots import FairSlots
+from worker.graph.tokens import TokenProvider
+from worker.observability.metrics import Metrics
 from worker.settings import Settings
-from worker.slots import FairSlots
-from worker.tokens import TokenProvider
 
 #: A second delivery of a command that is still being handled comes back after this long,
 #: by when the first has usually settled and the second is acknowledged as a duplicate.

@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 
 from worker import __version__
-from worker.errors import GraphNoAnswer, GraphUnreachable
-from worker.invite import GraphAccepted, InviteRequest, interpret
+from worker.core.errors import GraphNoAnswer, GraphUnreachable
+from worker.core.invite import GraphAccepted, InviteRequest, interpret
+from worker.graph.transport import AiohttpTransport
 from worker.settings import Settings
-from worker.transport import AiohttpTransport
 
 
 def _nothing() -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from worker.errors import (
+from worker.core.errors import (
     GraphNoAnswer,
     GraphRefused,
     GraphUnreachable,

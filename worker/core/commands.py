@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.errors import InvalidCommand, Problem
+from worker.core.errors import InvalidCommand, Problem
 
 UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 # A Graph call id goes into the request path: only characters that cannot change the path

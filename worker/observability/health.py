@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from worker.http_server import Request, Response, serve_connection
-from worker.metrics import Metrics
+from worker.observability.http_server import Request, Response, serve_connection
+from worker.observability.metrics import Metrics
 
 _TEXT = ("content-type", "text/plain; charset=utf-8")
 _PROMETHEUS = ("content-type", "text/plain; version=0.0.4; charset=utf-8")

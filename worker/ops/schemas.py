@@ -12,11 +12,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from worker.errors import OutcomeKind
-from worker.messages import InviteCommand
-from worker.outcomes import AcceptedData, ExpiredData, FailedData, OutcomeEvent, RejectedData
+from worker.core.commands import InviteCommand
+from worker.core.errors import OutcomeKind
+from worker.core.outcomes import AcceptedData, ExpiredData, FailedData, OutcomeEvent, RejectedData
 
-_BASE = "https://invite-worker.schemas/"
+_BASE = "https://invite-worker.ops.schemas/"
 _DATA: dict[OutcomeKind, type[BaseModel]] = {
     OutcomeKind.ACCEPTED: AcceptedData,
     OutcomeKind.FAILED: FailedData,

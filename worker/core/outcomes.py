@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.errors import (
+from worker.core.commands import Command
+from worker.core.errors import (
     DeadlinePassed,
     FailureReason,
     GraphError,
@@ -24,7 +25,6 @@ from worker.errors import (
     TokenUnavailable,
     outcome_for,
 )
-from worker.messages import Command
 
 _CAMEL = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 

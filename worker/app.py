@@ -23,15 +23,15 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 
 from worker import __version__
-from worker.consumer import CommandConsumer
-from worker.graph import GraphClient
-from worker.handler import InviteHandler
-from worker.health import HealthServer
-from worker.metrics import Metrics
+from worker.amqp.consumer import CommandConsumer
+from worker.core.handler import InviteHandler
+from worker.graph.client import GraphClient
+from worker.graph.tokens import MsalTokenProvider, TokenProvider
+from worker.observability.health import HealthServer
+from worker.observability.metrics import Metrics
 from worker.settings import Settings
-from worker.tokens import MsalTokenProvider, TokenProvider
 
-log = structlog.get_logger("worker.lifecycle")
+log = structlog.get_logger("worker.app")
 #: Allocations between collections of the youngest generation (Python's default is 700).
 GC_YOUNG_THRESHOLD = 10_000
 #: Seconds between attempts to reach the broker at start-up, doubling up to the cap.

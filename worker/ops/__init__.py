@@ -1,0 +1,1 @@
+"""Operator commands: list and replay dead letters, generate the published schemas."""
