@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterable
 
 from worker.core.errors import TokenUnavailable
 from worker.core.invite import GraphAccepted, InviteRequest
+from worker.core.ports import TokenProvider
 
 
-class FakeTokens:
+class FakeTokens(TokenProvider):
     def __init__(self, *, refuse: set[str] | None = None) -> None:
         self.refuse = refuse or set()
         self.requests: list[str] = []

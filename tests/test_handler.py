@@ -10,9 +10,10 @@ from typing import Any
 
 from tests.fakes import FakeGraph, FakeTokens
 from tests.harness import TENANT_A, TENANT_B, command, isolated_settings
-from worker.core.errors import GraphNoAnswer, GraphRefused, GraphUnreachable, OutcomeKind
+from worker.app import handler_config
+from worker.core.errors import GraphNoAnswer, GraphRefused, GraphUnreachable
 from worker.core.handler import Delivery, Handled, InviteHandler
-from worker.core.outcomes import OutcomeEvent
+from worker.core.outcomes import OutcomeEvent, OutcomeKind
 from worker.settings import Settings
 
 
@@ -36,7 +37,9 @@ def handler(
     graph: FakeGraph | None = None, tokens: FakeTokens | None = None, **values: Any
 ) -> InviteHandler:
     return InviteHandler(
-        settings(**values), tokens=tokens or FakeTokens(), sender=graph or FakeGraph()
+        handler_config(settings(**values)),
+        tokens=tokens or FakeTokens(),
+        sender=graph or FakeGraph(),
     )
 
 
@@ -242,7 +245,7 @@ async def test_shutdown_ends_an_in_process_wait_and_hands_the_retry_to_the_broke
     shared = handler(graph, RETRY_BASE_DELAY=1.5, RETRY_IN_PROCESS_MAX=5)
     task = asyncio.create_task(shared.handle(delivery()))
     await asyncio.sleep(0.1)
-    shared.stopping.set()
+    shared.stop()
     result = await asyncio.wait_for(task, 1)
     assert result.retry_in is not None
     assert result.attempts == 1

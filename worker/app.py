@@ -24,9 +24,11 @@ from aio_pika.exceptions import AMQPError
 
 from worker import __version__
 from worker.amqp.consumer import CommandConsumer
-from worker.core.handler import InviteHandler
+from worker.core.handler import HandlerConfig, InviteHandler
+from worker.core.ports import TokenProvider
+from worker.core.retry import RetryPolicy
 from worker.graph.client import GraphClient
-from worker.graph.tokens import MsalTokenProvider, TokenProvider
+from worker.graph.tokens import MsalTokenProvider
 from worker.observability.health import HealthServer
 from worker.observability.metrics import Metrics
 from worker.settings import Settings
@@ -36,6 +38,38 @@ log = structlog.get_logger("worker.app")
 GC_YOUNG_THRESHOLD = 10_000
 #: Seconds between attempts to reach the broker at start-up, doubling up to the cap.
 _CONNECT_RETRY = (1.0, 30.0)
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """The core's retry policy from the RETRY_* settings."""
+    return RetryPolicy(
+        max_attempts=settings.retry_max_attempts,
+        max_elapsed=settings.retry_max_elapsed,
+        base_delay=settings.retry_base_delay,
+        max_delay=settings.retry_max_delay,
+        in_process_limit=settings.retry_in_process_max,
+        retry_ambiguous=settings.retry_ambiguous,
+    )
+
+
+def handler_config(settings: Settings) -> HandlerConfig:
+    """The core's view of the settings: the handler never reads `Settings` itself."""
+    return HandlerConfig(
+        default_tenant_id=settings.azure_tenant_id,
+        served_tenants=settings.served_tenants,
+        max_command_bytes=settings.max_command_bytes,
+        max_redeliveries=settings.max_redeliveries,
+        event_source=settings.event_source,
+        retry_policy=retry_policy(settings),
+        tenant_rate_limit=settings.graph_tenant_rate_limit,
+        tenant_rate_limits=dict(settings.tenant_rate_limits),
+        max_in_flight=settings.graph_max_in_flight,
+        tenant_max_in_flight_share=settings.tenant_max_in_flight_share,
+        settled_memory=settings.settled_memory,
+        circuit_failure_threshold=settings.circuit_failure_threshold,
+        circuit_open_seconds=settings.circuit_open_seconds,
+        circuit_max_open_seconds=settings.circuit_max_open_seconds,
+    )
 
 
 class Worker:
@@ -53,9 +87,9 @@ class Worker:
         self.tokens = tokens or MsalTokenProvider(settings, metrics=self.metrics)
         self.graph = GraphClient(settings, transport=transport)
         self.handler = InviteHandler(
-            settings, tokens=self.tokens, sender=self.graph, metrics=self.metrics
+            handler_config(settings), tokens=self.tokens, sender=self.graph, metrics=self.metrics
         )
-        self.consumer = CommandConsumer(settings, self.handler)
+        self.consumer = CommandConsumer(settings, self.handler, metrics=self.metrics)
         self.health: HealthServer | None = None
         if settings.health_port:
             self.health = HealthServer(
@@ -128,8 +162,7 @@ class Worker:
             # Closing the connection hands every unsettled command back to the broker.
             await self._connection.close()
         await self.graph.aclose()
-        if isinstance(self.tokens, MsalTokenProvider):
-            self.tokens.close()
+        self.tokens.close()
         if self.health is not None:
             await self.health.stop()
         log.info("worker.stopped", unsettled_handed_back=left)

@@ -11,7 +11,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.core.commands import UUID
-from worker.core.retry import RetryPolicy
 
 #: Hosts of Microsoft's own Entra ID clouds; any other authority host (a sovereign cloud
 #: reached through a custom name, the simulator) needs MSAL's instance discovery turned off.
@@ -188,17 +187,6 @@ class Settings(BaseSettings):
         if self.azure_client_secret is not None and self.azure_client_certificate_path:
             raise ValueError("set AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH, not both")
         return self
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(
-            max_attempts=self.retry_max_attempts,
-            max_elapsed=self.retry_max_elapsed,
-            base_delay=self.retry_base_delay,
-            max_delay=self.retry_max_delay,
-            in_process_limit=self.retry_in_process_max,
-            retry_ambiguous=self.retry_ambiguous,
-        )
 
     def delay_queue(self, seconds: int) -> str:
         """The delay queue that returns commands to the command queue after `seconds`."""

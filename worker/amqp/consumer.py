@@ -1,59 +1,37 @@
-"""The AMQP edge: topology, consuming commands, publishing outcomes, settling messages.
+"""Consuming commands: deliveries become the core's `Delivery`, its verdict a settlement.
 
-All aio-pika translation lives here. A command's message is settled only after what it
-needed published (its outcome event, its delayed retry, its dead-letter copy) is confirmed
-by the broker; `errors.settlement_for` decides how.
+A command's message is settled only after what it needed published (its outcome event, its
+delayed retry, its dead-letter copy) is confirmed by the broker (`worker.amqp.publishing`);
+`worker.core.settlement.settlement_for` decides how, `worker.amqp.settlement` carries it out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
+from collections.abc import Coroutine
 from typing import Any
 
-import aio_pika
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError
 
-from worker.amqp.topology import declare_topology, delay_bucket
+from worker.amqp.publishing import ATTEMPTS_HEADER, FIRST_RECEIVED_HEADER, Publisher
+from worker.amqp.settlement import settle
+from worker.amqp.topology import declare_topology
 from worker.core.circuit import CircuitState
-from worker.core.errors import Settlement, settlement_for
 from worker.core.handler import Delivery, Handled, InviteHandler
-from worker.core.outcomes import OutcomeEvent
+from worker.core.settlement import Settlement, settlement_for
+from worker.observability.metrics import Metrics
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.amqp.consumer")
-
-OUTCOME_CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
-#: Seconds before a command whose outcome the broker refused goes back to the queue, so
-#: that a broker that keeps refusing is not hammered.
-REQUEUE_DELAY = 1.0
-PUBLISH_TIMEOUT = 10.0
-#: Headers the worker sets on retried and dead-lettered copies of a command.
-ATTEMPTS_HEADER = "x-invite-attempts"
-#: Epoch milliseconds, an integer: AMQP header floats are 32-bit and would lose a minute.
-FIRST_RECEIVED_HEADER = "x-invite-first-received-ms"
-_BROKER_HEADERS = frozenset(
-    {
-        "x-death",
-        "x-delivery-count",
-        "x-first-death-exchange",
-        "x-first-death-queue",
-        "x-first-death-reason",
-        "x-last-death-exchange",
-        "x-last-death-queue",
-        "x-last-death-reason",
-    }
-)
 
 
 def _int_header(headers: dict[str, Any], name: str, upper: int) -> int:
@@ -97,24 +75,21 @@ def correlation_id(handled: Handled, message_id: str | None) -> str | None:
 class CommandConsumer:
     """Consumes the command queue with bounded concurrency and settles every message."""
 
-    def __init__(self, settings: Settings, handler: InviteHandler) -> None:
+    def __init__(self, settings: Settings, handler: InviteHandler, *, metrics: Metrics) -> None:
         self._settings = settings
         self._handler = handler
-        self._metrics = handler.metrics
-        self._served = settings.served_tenants
+        self._metrics = metrics
         self._queue: AbstractQueue | None = None
         self._consume_channel: AbstractChannel | None = None
-        self._publish_channel: AbstractChannel | None = None
-        self._outcomes: AbstractExchange | None = None
-        self._dead_letters: AbstractExchange | None = None
+        self._publisher: Publisher | None = None
         self._consumer_tag: str | None = None
-        self._active: set[asyncio.Task[Any]] = set()
+        self._active: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self.connected = False
         self.stopping = False
-        handler.circuit.on_change = self._on_circuit_change
+        handler.on_circuit_change(self._on_circuit_change)
 
     @property
     def ready(self) -> bool:
@@ -123,13 +98,14 @@ class CommandConsumer:
             self.connected
             and self._consumer_tag is not None
             and not self.stopping
-            and self._handler.circuit.allows_traffic
+            and self._handler.takes_traffic
         )
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        self._publish_channel = await connection.channel(publisher_confirms=True)
-        commands, self._outcomes, self._dead_letters = await declare_topology(
-            self._publish_channel, self._settings
+        publish_channel = await connection.channel(publisher_confirms=True)
+        commands, outcomes, dead_letters = await declare_topology(publish_channel, self._settings)
+        self._publisher = Publisher(
+            self._settings, publish_channel, outcomes, dead_letters, metrics=self._metrics
         )
         self._consume_channel = await connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=self._settings.prefetch_count)
@@ -174,8 +150,8 @@ class CommandConsumer:
         try:
             if state is CircuitState.OPEN:
                 await self._cancel()
-                await asyncio.sleep(self._handler.circuit.reopens_in())
-                self._handler.circuit.half_open()
+                await asyncio.sleep(self._handler.circuit_reopens_in())
+                self._handler.probe_circuit()
             elif state is CircuitState.HALF_OPEN:
                 # One probe at a time: the rest of the backlog stays in the broker.
                 await channel.set_qos(prefetch_count=1)
@@ -188,7 +164,7 @@ class CommandConsumer:
         except (AMQPError, ConnectionError, RuntimeError):
             log.warning("graph.circuit_follow_failed", state=state.value)
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -196,7 +172,7 @@ class CommandConsumer:
     async def stop_consuming(self) -> None:
         """Ask the broker for no more commands; those in flight carry on."""
         self.stopping = True
-        self._handler.stopping.set()
+        self._handler.stop()
         await self._cancel()
         for task in list(self._background):
             task.cancel()
@@ -227,7 +203,7 @@ class CommandConsumer:
         task.add_done_callback(self._done)
         await asyncio.shield(task)
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
+    def _done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
         if not self._active:
             self._idle.set()
@@ -235,26 +211,28 @@ class CommandConsumer:
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
         self._metrics.commands_received.inc()
+        publisher = self._publisher
+        assert publisher is not None  # noqa: S101 - messages arrive only after start()
         try:
             handled = await self._handler.handle(to_delivery(message))
         except Exception:
             # A bug, not a verdict on the command: hand it back. After
             # COMMAND_MAX_REDELIVERIES the command is failed and dead-lettered as poison.
             log.exception("command.crashed", message_id=message.message_id)
-            await self._settle(message, Settlement.REQUEUE, None)
+            await self._settle(message, Settlement.REQUEUE, None, publisher)
             return
         event = handled.event
         confirmed = True
         if handled.retry_in is not None:
-            confirmed = await self._publish_retry(message, handled)
+            confirmed = await publisher.publish_retry(message, handled)
         elif event is not None:
-            confirmed = await self._publish_event(
+            confirmed = await publisher.publish_event(
                 event, correlation_id(handled, message.message_id)
             )
             if handled.command is not None:
                 # Remembered before the acknowledgement: if that is lost, the redelivery
                 # is recognised and not sent to Graph again.
-                self._handler.settled.remember(
+                self._handler.remember_outcome(
                     handled.command.command_id, event, confirmed=confirmed
                 )
         settlement = settlement_for(
@@ -263,114 +241,17 @@ class CommandConsumer:
             retry=handled.retry_in is not None,
             poison=handled.poison,
         )
-        await self._settle(message, settlement, handled)
+        await self._settle(message, settlement, handled, publisher)
         self._log_settled(handled, settlement, message, started)
 
-    async def _publish(
-        self, exchange: AbstractExchange | None, message: aio_pika.Message, routing_key: str
-    ) -> bool:
-        """Publish and wait for the broker's confirmation; False when it did not confirm."""
-        if exchange is None:
-            return False
-        try:
-            await exchange.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
-        except (TimeoutError, AMQPError, ConnectionError, RuntimeError) as exc:
-            self._metrics.outcome_publish_failures.inc()
-            log.warning("publish.not_confirmed", routing_key=routing_key, error=type(exc).__name__)
-            return False
-        return True
-
-    async def _publish_event(self, event: OutcomeEvent, correlation: str | None) -> bool:
-        message = aio_pika.Message(
-            event.to_json(),
-            content_type=OUTCOME_CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=event.id,
-            correlation_id=correlation,
-            type=event.type.value,
-            timestamp=event.time,
-            app_id="invite-worker",
-        )
-        confirmed = await self._publish(self._outcomes, message, event.type.value)
-        if confirmed:
-            tenant = event.data.tenant_id
-            label = tenant if tenant in self._served else "other"
-            self._metrics.outcomes.inc(event.type.value, label)
-        return confirmed
-
-    def _copy(self, message: AbstractIncomingMessage, extra: dict[str, Any]) -> aio_pika.Message:
-        headers = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
-        headers.update({k: v for k, v in extra.items() if v is not None})
-        return aio_pika.Message(
-            message.body,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            headers=headers,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-
-    async def _publish_retry(self, message: AbstractIncomingMessage, handled: Handled) -> bool:
-        assert handled.retry_in is not None  # noqa: S101 - called only for retries
-        bucket = delay_bucket(handled.retry_in)
-        copy = self._copy(
-            message,
-            {
-                ATTEMPTS_HEADER: handled.attempts,
-                FIRST_RECEIVED_HEADER: round(handled.first_received * 1000),
-                "x-invite-last-status": handled.http_status,
-                "x-invite-last-error": handled.error_type,
-            },
-        )
-        channel = self._publish_channel
-        if channel is None:
-            return False
-        return await self._publish(
-            channel.default_exchange, copy, self._settings.delay_queue(bucket)
-        )
-
-    async def _dead_letter(self, message: AbstractIncomingMessage, handled: Handled | None) -> None:
-        """Keep the command in the dead-letter queue with headers that say why."""
-        extra: dict[str, Any] = {"x-invite-fault-reason": "unknown"}
-        if handled is not None:
-            problems = getattr(handled.event.data, "problems", None) if handled.event else None
-            extra = {
-                "x-invite-fault-reason": "redelivered_too_often" if handled.poison else "rejected",
-                "x-invite-error-type": handled.error_type,
-                ATTEMPTS_HEADER: handled.attempts,
-                "x-invite-last-status": handled.http_status,
-                "x-invite-request-id": handled.request_id,
-                "x-invite-outcome-id": handled.event.id if handled.event else None,
-                "x-invite-problems": json.dumps([f"{p.field}: {p.problem}" for p in problems])[
-                    :2000
-                ]
-                if problems
-                else None,
-            }
-        if await self._publish(self._dead_letters, self._copy(message, extra), ""):
-            self._metrics.dead_lettered.inc(str(extra["x-invite-fault-reason"]))
-            await message.ack()
-        else:
-            # The broker's own dead-lettering, without the headers, rather than nothing.
-            await message.nack(requeue=False)
-
     async def _settle(
-        self, message: AbstractIncomingMessage, settlement: Settlement, handled: Handled | None
+        self,
+        message: AbstractIncomingMessage,
+        settlement: Settlement,
+        handled: Handled | None,
+        publisher: Publisher,
     ) -> None:
-        try:
-            match settlement:
-                case Settlement.ACK | Settlement.RETRY_LATER:
-                    await message.ack()
-                case Settlement.DEAD_LETTER:
-                    await self._dead_letter(message, handled)
-                case Settlement.REQUEUE:
-                    if not self.stopping:
-                        await asyncio.sleep(REQUEUE_DELAY)
-                    await message.nack(requeue=True)
-        except (AMQPError, ConnectionError, RuntimeError):
-            # The channel is gone; the broker redelivers every unsettled message.
-            log.warning("command.settle_failed", settlement=settlement.value)
+        await settle(message, settlement, handled, publisher=publisher, stopping=self.stopping)
 
     def _log_settled(
         self,

@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from worker.core.errors import InvalidCommand, Problem
 
@@ -251,7 +252,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text if len(text) <= _MAX_LOCATION else text[: _MAX_LOCATION - 1] + "…"
 
 
-def _message(error: Any) -> str:
+def _message(error: ErrorDetails) -> str:
     if error["type"] == "string_pattern_mismatch":
         return "has characters that are not allowed (letters, digits and . _ ~ - only)"
     message: str = error["msg"]

@@ -10,16 +10,17 @@ The exception tree, each leaf with the outcome event it produces::
     │   ├── GraphRefused          Graph answered with an error status
     │   ├── GraphUnreachable      not sent: connect error, pool timeout
     │   └── GraphNoAnswer         sent, and no answer came (timeout, reset): Graph may have acted
-    ├── RedeliveredTooOften   invite.failed     (a poison message: it kept coming back)
-    └── OutcomeNotConfirmed   (none yet)        the broker did not confirm the outcome
+    └── RedeliveredTooOften   invite.failed     (a poison message: it kept coming back)
 
-A command's message is settled in one of the ways of `Settlement`, and `settlement_for` is
-the one place that chooses which.
+`worker.core.outcomes.outcome_for` maps an error to its outcome kind, and
+`worker.core.settlement.settlement_for` is the one place that decides what becomes of the
+message. Third-party errors (httpx, aiohttp, MSAL) are mapped to these at one boundary per
+edge, keeping the cause: `worker.graph.client.map_graph_errors` and
+`worker.graph.tokens.map_msal_errors`.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -31,19 +32,6 @@ FailureReason = Literal[
     "token_unavailable",
     "redelivered_too_often",
 ]
-
-
-class Settlement(enum.Enum):
-    """The closed set of things the worker does with a command's message."""
-
-    ACK = "ack"
-    """The outcome is confirmed (or was already): remove the command."""
-    DEAD_LETTER = "dead_letter"
-    """The outcome is confirmed; keep the command in the dead-letter queue, with why."""
-    RETRY_LATER = "retry_later"
-    """Publish a copy to a delay queue that returns it to the command queue, then remove it."""
-    REQUEUE = "requeue"
-    """Nothing could be confirmed: hand the message back to the broker as it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,50 +119,3 @@ class RedeliveredTooOften(InviteError):
     def __init__(self, deliveries: int):
         super().__init__(f"delivered {deliveries} times without being settled")
         self.deliveries = deliveries
-
-
-class OutcomeNotConfirmed(InviteError):
-    """The broker did not confirm the outcome event; the command must stay on the queue."""
-
-
-class OutcomeKind(enum.StrEnum):
-    """The four terminal outcomes; each value is also the event's routing key and type."""
-
-    ACCEPTED = "invite.accepted"
-    FAILED = "invite.failed"
-    REJECTED = "invite.rejected"
-    EXPIRED = "invite.expired"
-
-
-def outcome_for(error: InviteError) -> OutcomeKind:
-    """The outcome event a failed command ends in."""
-    match error:
-        case InvalidCommand():
-            return OutcomeKind.REJECTED
-        case DeadlinePassed():
-            return OutcomeKind.EXPIRED
-        case GraphError() | TokenUnavailable() | RedeliveredTooOften():
-            return OutcomeKind.FAILED
-    raise TypeError(f"{type(error).__name__} has no outcome")
-
-
-def settlement_for(
-    outcome: OutcomeKind | None,
-    *,
-    confirmed: bool,
-    retry: bool = False,
-    poison: bool = False,
-) -> Settlement:
-    """How a command's message is settled.
-
-    `outcome` is the outcome event published for it (None when the command is not finished:
-    a retry is due, or it was settled before); `confirmed` says whether the broker confirmed
-    what had to be published; `poison` marks a message that kept coming back.
-    """
-    if not confirmed:
-        return Settlement.REQUEUE
-    if retry:
-        return Settlement.RETRY_LATER
-    if poison or outcome is OutcomeKind.REJECTED:
-        return Settlement.DEAD_LETTER
-    return Settlement.ACK

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
 
 from worker.core import outcomes
-from worker.core.circuit import CircuitBreaker
+from worker.core.circuit import CircuitBreaker, CircuitState
 from worker.core.commands import Command, parse_command
 from worker.core.errors import (
     DeadlinePassed,
@@ -34,11 +32,12 @@ from worker.core.errors import (
 )
 from worker.core.invite import GraphAccepted, InviteRequest, build_request
 from worker.core.outcomes import OutcomeEvent
+from worker.core.ports import InviteSender, TokenProvider
 from worker.core.ratelimit import TenantRateLimits
+from worker.core.retry import RetryPolicy
+from worker.core.settled import SettledCommands
 from worker.core.slots import FairSlots
-from worker.graph.tokens import TokenProvider
 from worker.observability.metrics import Metrics
-from worker.settings import Settings
 
 #: A second delivery of a command that is still being handled comes back after this long,
 #: by when the first has usually settled and the second is acknowledged as a duplicate.
@@ -46,15 +45,30 @@ _IN_PROGRESS_RETRY = 1.0
 _OUTAGE_STATUSES = frozenset({500, 502, 503, 504})
 
 
-class InviteSender(Protocol):
-    """Sends one invite to Graph; raises a `GraphError` when Graph does not accept it.
+@dataclass(frozen=True, slots=True)
+class HandlerConfig:
+    """What the handler decides with; `worker.app.handler_config` builds it from the settings."""
 
-    `on_sent` is called once the request has been written out, for the rate limiter.
-    """
-
-    async def invite(
-        self, request: InviteRequest, token: str, on_sent: Callable[[], None]
-    ) -> GraphAccepted: ...
+    #: The tenant of a command that names none.
+    default_tenant_id: str
+    #: The allow-list: commands for any other tenant are rejected before a token is asked for.
+    served_tenants: frozenset[str]
+    max_command_bytes: int
+    #: Deliveries of one message before it is failed as poison.
+    max_redeliveries: int
+    #: The CloudEvents `source` of outcome events.
+    event_source: str
+    retry_policy: RetryPolicy
+    #: Invite requests per tenant in any one-second window, and per-tenant overrides.
+    tenant_rate_limit: int
+    tenant_rate_limits: Mapping[str, int]
+    max_in_flight: int
+    tenant_max_in_flight_share: float
+    #: Settled commandIds remembered so that a redelivery does not call Graph again.
+    settled_memory: int
+    circuit_failure_threshold: int
+    circuit_open_seconds: float
+    circuit_max_open_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,36 +135,17 @@ class _TenantPaused(Exception):
         self.seconds = seconds
 
 
-@dataclass(slots=True)
-class SettledCommands:
-    """Recently settled commands by commandId, so that a redelivery does not invite twice.
+class InviteHandler:
+    """Turns a delivery into what should become of it; one per process.
 
-    Confirmed outcomes were published: a redelivery is only acknowledged, and only the id is
-    kept. Unconfirmed ones keep their event, published again (same event id) instead of
-    calling Graph again.
+    Its public surface for the AMQP edge: `handle`, `remember_outcome` once an outcome was
+    published, `stop` on shutdown, and the circuit through `takes_traffic`,
+    `on_circuit_change`, `circuit_reopens_in` and `probe_circuit`.
     """
 
-    capacity: int = 10_000
-    _entries: OrderedDict[str, OutcomeEvent | None] = field(default_factory=OrderedDict)
-
-    def get(self, command_id: str) -> tuple[OutcomeEvent | None, bool] | None:
-        """(event, confirmed) for a settled command; None when it is not remembered."""
-        if command_id not in self._entries:
-            return None
-        event = self._entries[command_id]
-        return event, event is None
-
-    def remember(self, command_id: str, event: OutcomeEvent, *, confirmed: bool) -> None:
-        self._entries[command_id] = None if confirmed else event
-        self._entries.move_to_end(command_id)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-
-class InviteHandler:
     def __init__(
         self,
-        settings: Settings,
+        config: HandlerConfig,
         *,
         tokens: TokenProvider,
         sender: InviteSender,
@@ -160,28 +155,55 @@ class InviteHandler:
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._settings = settings
+        self._config = config
         self._tokens = tokens
         self._sender = sender
         self._limits = limits or TenantRateLimits(
-            settings.graph_tenant_rate_limit, overrides=settings.tenant_rate_limits
+            config.tenant_rate_limit, overrides=dict(config.tenant_rate_limits)
         )
-        self._served = settings.served_tenants
+        self._served = config.served_tenants
         self.circuit = circuit or CircuitBreaker(
-            threshold=settings.circuit_failure_threshold,
-            open_for=settings.circuit_open_seconds,
-            max_open_for=settings.circuit_max_open_seconds,
+            threshold=config.circuit_failure_threshold,
+            open_for=config.circuit_open_seconds,
+            max_open_for=config.circuit_max_open_seconds,
         )
         self.metrics = metrics or Metrics()
-        self.policy = settings.retry_policy
-        self.slots = FairSlots(settings.graph_max_in_flight, settings.tenant_max_in_flight_share)
+        self.policy = config.retry_policy
+        self.slots = FairSlots(config.max_in_flight, config.tenant_max_in_flight_share)
         self.in_flight_requests = 0
         self._clock = clock
         self._now = now
-        self.settled = SettledCommands(settings.settled_memory)
+        self.settled = SettledCommands(config.settled_memory)
         self._in_progress: set[str] = set()
         #: Set on shutdown: waits between attempts end, and the retry goes to the broker.
-        self.stopping = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    # --- the surface the AMQP edge uses -----------------------------------------------------
+
+    @property
+    def takes_traffic(self) -> bool:
+        """False while the circuit is open: Graph looks down, commands should wait."""
+        return self.circuit.allows_traffic
+
+    def on_circuit_change(self, callback: Callable[[CircuitState], None]) -> None:
+        """Call `callback` with the circuit's new state whenever it changes."""
+        self.circuit.on_change = callback
+
+    def circuit_reopens_in(self) -> float:
+        """Seconds until an open circuit lets a probe through."""
+        return self.circuit.reopens_in()
+
+    def probe_circuit(self) -> None:
+        """Let one probe through an open circuit (half-open)."""
+        self.circuit.half_open()
+
+    def stop(self) -> None:
+        """Shutdown began: waits between attempts end, and their retries go to the broker."""
+        self._stopping.set()
+
+    def remember_outcome(self, command_id: str, event: OutcomeEvent, *, confirmed: bool) -> None:
+        """The outcome was published (`confirmed`) or not: a redelivery gets it, not Graph."""
+        self.settled.remember(command_id, event, confirmed=confirmed)
 
     async def handle(self, delivery: Delivery) -> Handled:
         started = self._clock()
@@ -192,8 +214,8 @@ class InviteHandler:
             command = parse_command(
                 delivery.body,
                 content_type=delivery.content_type,
-                default_tenant_id=self._settings.azure_tenant_id,
-                max_bytes=self._settings.max_command_bytes,
+                default_tenant_id=self._config.default_tenant_id,
+                max_bytes=self._config.max_command_bytes,
             )
             if command.tenant_id not in self._served:
                 # Checked before any token request: an upstream cannot make the app act in a
@@ -217,7 +239,7 @@ class InviteHandler:
                     first_received=progress.first_received,
                     attempts=progress.attempts,
                 )
-            if delivery.delivery_count > self._settings.max_redeliveries:
+            if delivery.delivery_count > self._config.max_redeliveries:
                 raise RedeliveredTooOften(delivery.delivery_count + 1)
             self._in_progress.add(command.command_id)
             try:
@@ -232,7 +254,7 @@ class InviteHandler:
                 attempts=progress.attempts,
                 duration_ms=(self._clock() - started) * 1000,
                 client_request_id=command.command_id if command and progress.attempts else None,
-                source=self._settings.event_source,
+                source=self._config.event_source,
             )
             return self._handled(
                 command, progress, event=event, poison=isinstance(error, RedeliveredTooOften)
@@ -249,7 +271,7 @@ class InviteHandler:
             client_request_id=command.command_id,
             attempts=progress.attempts,
             duration_ms=(self._clock() - started) * 1000,
-            source=self._settings.event_source,
+            source=self._config.event_source,
         )
         progress.http_status, progress.request_id = result.status, result.request_id
         return self._handled(command, progress, event=event)
@@ -369,7 +391,7 @@ class InviteHandler:
     async def _pause(self, seconds: float) -> bool:
         """Sleep unless shutdown starts first; False when it did."""
         try:
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+            await asyncio.wait_for(self._stopping.wait(), seconds)
         except TimeoutError:
             return True
         return False

@@ -1,11 +1,13 @@
 """Outcome events: one CloudEvents 1.0 envelope per command, published to the outcome exchange.
 
-The models here are the published contract (their JSON Schemas live in `schemas/`); the
-`outcome_from_*` functions build an event from what happened to a command. Pure: no I/O.
+The models here are the published contract (their JSON Schemas live in `schemas/`);
+`accepted` and `from_error` build an event from what happened to a command, and `outcome_for`
+names the kind a failure ends in. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -20,11 +22,31 @@ from worker.core.errors import (
     GraphRefused,
     InvalidCommand,
     InviteError,
-    OutcomeKind,
     RedeliveredTooOften,
     TokenUnavailable,
-    outcome_for,
 )
+
+
+class OutcomeKind(enum.StrEnum):
+    """The four terminal outcomes; each value is also the event's routing key and type."""
+
+    ACCEPTED = "invite.accepted"
+    FAILED = "invite.failed"
+    REJECTED = "invite.rejected"
+    EXPIRED = "invite.expired"
+
+
+def outcome_for(error: InviteError) -> OutcomeKind:
+    """The outcome event a failed command ends in."""
+    match error:
+        case InvalidCommand():
+            return OutcomeKind.REJECTED
+        case DeadlinePassed():
+            return OutcomeKind.EXPIRED
+        case GraphError() | TokenUnavailable() | RedeliveredTooOften():
+            return OutcomeKind.FAILED
+    raise TypeError(f"{type(error).__name__} has no outcome")
+
 
 _CAMEL = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 

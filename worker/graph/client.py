@@ -1,14 +1,14 @@
 """The Graph client: sends an `InviteRequest` over HTTPS with httpx.
 
-The one place where httpx's exceptions become the worker's: anything that fails before
-the request could reach Graph is `GraphUnreachable`; anything that fails after it was sent
-(Graph may have acted) is `GraphNoAnswer`.
+`map_graph_errors` is the one place where httpx's exceptions become the core's; the aiohttp
+transport under it raises httpx's, so both transports meet that one boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -22,6 +22,26 @@ from worker.settings import Settings
 
 def _nothing() -> None:
     return None
+
+
+@contextlib.contextmanager
+def map_graph_errors() -> Iterator[None]:
+    """httpx's transport errors as the core's, most specific first, keeping the cause.
+
+    Failures before the request could reach Graph are `GraphUnreachable`; failures after it was
+    sent (Graph may have acted) are `GraphNoAnswer`.
+    """
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise GraphUnreachable(f"{type(exc).__name__}: the request was not sent") from exc
+    except (httpx.WriteError, httpx.WriteTimeout) as exc:
+        # Graph cannot act on a request body it did not receive whole.
+        raise GraphUnreachable(f"{type(exc).__name__}: the request was not sent") from exc
+    except httpx.TransportError as exc:
+        raise GraphNoAnswer(
+            f"{type(exc).__name__}: the request was sent and no answer came back"
+        ) from exc
 
 
 class GraphClient:
@@ -84,21 +104,12 @@ class GraphClient:
             # against Graph's rate limits.
             extensions={"trace": trace, "timeout": self._timeout},
         )
-        try:
+        with map_graph_errors():
             response = await self._transport.handle_async_request(outgoing)
             try:
                 body = await response.aread()
             finally:
                 await response.aclose()
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise GraphUnreachable(f"{type(exc).__name__}: the request was not sent") from None
-        except (httpx.WriteError, httpx.WriteTimeout) as exc:
-            # Graph cannot act on a request body it did not receive whole.
-            raise GraphUnreachable(f"{type(exc).__name__}: the request was not sent") from None
-        except httpx.TransportError as exc:
-            raise GraphNoAnswer(
-                f"{type(exc).__name__}: the request was sent and no answer came back"
-            ) from None
         return interpret(response.status_code, response.headers, body)
 
     async def aclose(self) -> None:

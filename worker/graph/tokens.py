@@ -10,16 +10,19 @@ them, so that the usual request takes its token without leaving the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import msal
 
 from worker.core.errors import TokenUnavailable
+from worker.core.ports import TokenProvider
 from worker.observability.metrics import Metrics
 from worker.settings import Settings
 
@@ -28,15 +31,6 @@ GRAPH_SCOPES = ["https://graph.microsoft.com/.default"]
 # same point means the token handed out is always one MSAL would still hand out.
 _REFRESH_BEFORE_EXPIRY = 300.0
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.DOTALL)
-
-
-class TokenProvider(Protocol):
-    """Hands out a bearer token for a tenant, or raises `TokenUnavailable`."""
-
-    async def token(self, tenant_id: str) -> str: ...
-
-    async def invalidate(self, tenant_id: str) -> None:
-        """Forget the tenant's token: Graph refused it (401)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +98,28 @@ class MsalHttpClient:
         self._client.close()
 
 
-class MsalTokenProvider:
+@contextlib.contextmanager
+def map_msal_errors() -> Iterator[None]:
+    """MSAL's and its HTTP client's exceptions as `TokenUnavailable`, keeping the cause."""
+    try:
+        yield
+    except ValueError as exc:  # MSAL's word for a failed authority discovery
+        raise TokenUnavailable("authority_discovery_failed", _short(str(exc))) from exc
+    except httpx.HTTPError as exc:  # no answer, or a 5xx that MSAL raises for
+        raise TokenUnavailable(
+            "identity_provider_unreachable", type(exc).__name__, transient=True
+        ) from exc
+
+
+class MsalTokenProvider(TokenProvider):
     """Tokens for any number of tenants of one multi-tenant app registration."""
 
     def __init__(
-        self, settings: Settings, *, metrics: Metrics | None = None, clock: Any = time.monotonic
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics or Metrics()
         self._client_id = settings.azure_client_id
@@ -173,7 +184,7 @@ class MsalTokenProvider:
 
     def _acquire(self, tenant_id: str) -> dict[str, Any]:
         """Runs in a worker thread: MSAL blocks on network I/O."""
-        try:
+        with map_msal_errors():
             app = self._apps.get(tenant_id)
             if app is None:
                 app = msal.ConfidentialClientApplication(
@@ -185,12 +196,6 @@ class MsalTokenProvider:
                 )
                 self._apps[tenant_id] = app
             result: dict[str, Any] = app.acquire_token_for_client(scopes=GRAPH_SCOPES)
-        except ValueError as exc:  # MSAL's word for a failed authority discovery
-            raise TokenUnavailable("authority_discovery_failed", _short(str(exc))) from None
-        except httpx.HTTPError as exc:  # no answer, or a 5xx that MSAL raises for
-            raise TokenUnavailable(
-                "identity_provider_unreachable", type(exc).__name__, transient=True
-            ) from None
         if "access_token" not in result:
             raise TokenUnavailable(
                 str(result.get("error", "unknown_error")),

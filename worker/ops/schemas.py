@@ -1,7 +1,8 @@
 """JSON Schemas of the published contract, generated from the pydantic models.
 
 `schemas/` in the repository holds their output; a test fails when the two drift apart.
-Regenerate with `invite-worker schemas --write schemas`.
+Regenerate with `make schemas` (`invite-worker schemas --directory schemas`); `--check` exits 1
+when the files have drifted.
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ from typing import Any
 from pydantic import BaseModel
 
 from worker.core.commands import InviteCommand
-from worker.core.errors import OutcomeKind
-from worker.core.outcomes import AcceptedData, ExpiredData, FailedData, OutcomeEvent, RejectedData
+from worker.core.outcomes import (
+    AcceptedData,
+    ExpiredData,
+    FailedData,
+    OutcomeEvent,
+    OutcomeKind,
+    RejectedData,
+)
 
-_BASE = "https://invite-worker.ops.schemas/"
+_BASE = "https://invite-worker.schemas/"
 _DATA: dict[OutcomeKind, type[BaseModel]] = {
     OutcomeKind.ACCEPTED: AcceptedData,
     OutcomeKind.FAILED: FailedData,

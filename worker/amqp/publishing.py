@@ -1,0 +1,154 @@
+"""Publishing with publisher confirms: outcome events, delayed retries, dead-letter copies.
+
+Every publish waits for the broker's confirmation and says whether it came: a command's
+message is settled only once what it needed published is confirmed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aio_pika.exceptions import AMQPError
+
+from worker.amqp.topology import delay_bucket
+from worker.core.handler import Handled
+from worker.core.outcomes import OutcomeEvent
+from worker.observability.metrics import Metrics
+from worker.settings import Settings
+
+log = structlog.get_logger("worker.amqp.publishing")
+
+OUTCOME_CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
+#: Seconds before a command whose outcome the broker refused goes back to the queue, so
+#: that a broker that keeps refusing is not hammered.
+REQUEUE_DELAY = 1.0
+PUBLISH_TIMEOUT = 10.0
+#: Headers the worker sets on retried and dead-lettered copies of a command.
+ATTEMPTS_HEADER = "x-invite-attempts"
+#: Epoch milliseconds, an integer: AMQP header floats are 32-bit and would lose a minute.
+FIRST_RECEIVED_HEADER = "x-invite-first-received-ms"
+_BROKER_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+
+class Publisher:
+    """Publishes on the confirming channel to the outcome, delay and dead-letter exchanges."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        channel: AbstractChannel,
+        outcomes: AbstractExchange,
+        dead_letters: AbstractExchange,
+        *,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._channel: AbstractChannel | None = channel
+        self._outcomes: AbstractExchange | None = outcomes
+        self._dead_letters: AbstractExchange | None = dead_letters
+        self._metrics = metrics
+        self._served = settings.served_tenants
+
+    async def publish(
+        self, exchange: AbstractExchange | None, message: aio_pika.Message, routing_key: str
+    ) -> bool:
+        """Publish and wait for the broker's confirmation; False when it did not confirm."""
+        if exchange is None:
+            return False
+        try:
+            await exchange.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
+        except (TimeoutError, AMQPError, ConnectionError, RuntimeError) as exc:
+            self._metrics.outcome_publish_failures.inc()
+            log.warning("publish.not_confirmed", routing_key=routing_key, error=type(exc).__name__)
+            return False
+        return True
+
+    async def publish_event(self, event: OutcomeEvent, correlation: str | None) -> bool:
+        message = aio_pika.Message(
+            event.to_json(),
+            content_type=OUTCOME_CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=event.id,
+            correlation_id=correlation,
+            type=event.type.value,
+            timestamp=event.time,
+            app_id="invite-worker",
+        )
+        confirmed = await self.publish(self._outcomes, message, event.type.value)
+        if confirmed:
+            tenant = event.data.tenant_id
+            label = tenant if tenant in self._served else "other"
+            self._metrics.outcomes.inc(event.type.value, label)
+        return confirmed
+
+    def copy(self, message: AbstractIncomingMessage, extra: dict[str, Any]) -> aio_pika.Message:
+        headers = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
+        headers.update({k: v for k, v in extra.items() if v is not None})
+        return aio_pika.Message(
+            message.body,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+
+    async def publish_retry(self, message: AbstractIncomingMessage, handled: Handled) -> bool:
+        assert handled.retry_in is not None  # noqa: S101 - called only for retries
+        bucket = delay_bucket(handled.retry_in)
+        copy = self.copy(
+            message,
+            {
+                ATTEMPTS_HEADER: handled.attempts,
+                FIRST_RECEIVED_HEADER: round(handled.first_received * 1000),
+                "x-invite-last-status": handled.http_status,
+                "x-invite-last-error": handled.error_type,
+            },
+        )
+        channel = self._channel
+        if channel is None:
+            return False
+        return await self.publish(
+            channel.default_exchange, copy, self._settings.delay_queue(bucket)
+        )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, handled: Handled | None) -> None:
+        """Keep the command in the dead-letter queue with headers that say why."""
+        extra: dict[str, Any] = {"x-invite-fault-reason": "unknown"}
+        if handled is not None:
+            problems = getattr(handled.event.data, "problems", None) if handled.event else None
+            extra = {
+                "x-invite-fault-reason": "redelivered_too_often" if handled.poison else "rejected",
+                "x-invite-error-type": handled.error_type,
+                ATTEMPTS_HEADER: handled.attempts,
+                "x-invite-last-status": handled.http_status,
+                "x-invite-request-id": handled.request_id,
+                "x-invite-outcome-id": handled.event.id if handled.event else None,
+                "x-invite-problems": json.dumps([f"{p.field}: {p.problem}" for p in problems])[
+                    :2000
+                ]
+                if problems
+                else None,
+            }
+        if await self.publish(self._dead_letters, self.copy(message, extra), ""):
+            self._metrics.dead_lettered.inc(str(extra["x-invite-fault-reason"]))
+            await message.ack()
+        else:
+            # The broker's own dead-lettering, without the headers, rather than nothing.
+            await message.nack(requeue=False)
