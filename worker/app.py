@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import signal
 import time
@@ -40,9 +41,22 @@ GC_YOUNG_THRESHOLD = 10_000
 _CONNECT_RETRY = (1.0, 30.0)
 
 
-def retry_policy(settings: Settings) -> RetryPolicy:
-    """The core's retry policy from the RETRY_* settings."""
-    return RetryPolicy(
+#: HandlerConfig fields whose setting has another name; every other field is the setting's own.
+_SETTING_FOR = {
+    "default_tenant_id": "azure_tenant_id",
+    "tenant_rate_limit": "graph_tenant_rate_limit",
+    "max_in_flight": "graph_max_in_flight",
+}
+
+
+def handler_config(settings: Settings) -> HandlerConfig:
+    """The core's view of the settings: the handler never reads `Settings` itself."""
+    values = {
+        field.name: getattr(settings, _SETTING_FOR.get(field.name, field.name))
+        for field in dataclasses.fields(HandlerConfig)
+        if field.name != "retry_policy"
+    }
+    policy = RetryPolicy(
         max_attempts=settings.retry_max_attempts,
         max_elapsed=settings.retry_max_elapsed,
         base_delay=settings.retry_base_delay,
@@ -50,26 +64,7 @@ def retry_policy(settings: Settings) -> RetryPolicy:
         in_process_limit=settings.retry_in_process_max,
         retry_ambiguous=settings.retry_ambiguous,
     )
-
-
-def handler_config(settings: Settings) -> HandlerConfig:
-    """The core's view of the settings: the handler never reads `Settings` itself."""
-    return HandlerConfig(
-        default_tenant_id=settings.azure_tenant_id,
-        served_tenants=settings.served_tenants,
-        max_command_bytes=settings.max_command_bytes,
-        max_redeliveries=settings.max_redeliveries,
-        event_source=settings.event_source,
-        retry_policy=retry_policy(settings),
-        tenant_rate_limit=settings.graph_tenant_rate_limit,
-        tenant_rate_limits=dict(settings.tenant_rate_limits),
-        max_in_flight=settings.graph_max_in_flight,
-        tenant_max_in_flight_share=settings.tenant_max_in_flight_share,
-        settled_memory=settings.settled_memory,
-        circuit_failure_threshold=settings.circuit_failure_threshold,
-        circuit_open_seconds=settings.circuit_open_seconds,
-        circuit_max_open_seconds=settings.circuit_max_open_seconds,
-    )
+    return HandlerConfig(**values, retry_policy=policy)
 
 
 class Worker:
