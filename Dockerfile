@@ -5,7 +5,7 @@
 #   docker build --build-arg REVISION="$(git rev-parse HEAD)" -t invite-worker:0.1.0 .
 #
 # Four stages: uv, tini, build, runtime. `build` installs the locked runtime dependencies and
-# the app into /opt/venv; tests/test_deploy.py replays that stage's ENV, WORKDIR, COPY and RUN
+# the app into /opt/venv; tests/deploy/test_deploy.py replays that stage's ENV, WORKDIR, COPY and RUN
 # lines on the CI machine (same lock file, same uv, same commands), so keep them plain: no paths
 # but /opt/venv and /src, no shell tricks. `runtime` gets /opt/venv, tini, and nothing else.
 
@@ -15,7 +15,7 @@ FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 # Every other stage starts from the same Python image, written out in each FROM (a shared stage
 # would have to carry the runtime's labels, and hadolint wants them where they are inherited):
 # the venv's interpreter link (/usr/local/bin/python3.11) must exist, at the same version, where
-# the venv is copied to; tests/test_deploy.py checks that the three are one. The minor version is
+# the venv is copied to; tests/deploy/test_deploy.py checks that the three are one. The minor version is
 # pinned by the tag (the lock holds cp311 wheels); patch releases follow the tag so that a rebuild
 # picks up security fixes; the release pipeline pins the digest (`python:…@sha256:…`).
 FROM python:3.11-slim-bookworm AS tini
@@ -51,7 +51,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 FROM python:3.11-slim-bookworm AS runtime
 # The version is written out, not a build argument, so that an image cannot carry another
-# version than the code inside it: tests/test_deploy.py checks it against pyproject.toml.
+# version than the code inside it: tests/deploy/test_deploy.py checks it against pyproject.toml.
 # Revision and source come from the release build (`--build-arg REVISION=… SOURCE=…`).
 ARG REVISION=unknown
 ARG SOURCE=unknown

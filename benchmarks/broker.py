@@ -20,9 +20,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel
 
 from benchmarks.processes import ROOT, Sample
+from tests.support import outcomes
 from worker.amqp.topology import declare_topology, topology_names
 from worker.settings import Settings
 
@@ -101,10 +102,14 @@ async def _publish(channel: AbstractChannel, queue: str, command_id: str, body: 
     await channel.default_exchange.publish(message, routing_key=queue, timeout=_CONFIRM_TIMEOUT)
 
 
-class OutcomeCollector:
-    """Stamps every outcome event's arrival; samples the measured program at given counts."""
+class OutcomeCollector(outcomes.OutcomeCollector):
+    """Stamps every outcome event's arrival; samples the measured program at given counts.
+
+    Keeps arrival times by commandId rather than every event: 100k events stay cheap.
+    """
 
     def __init__(self, expected: int, sample_at: Collection[int]) -> None:
+        super().__init__()
         self.expected = expected
         self.arrivals: dict[str, float] = {}
         """commandId (the outcome's correlation_id) -> arrival time."""
@@ -115,32 +120,20 @@ class OutcomeCollector:
         self._sampler: Callable[[int, float], Sample] | None = None
         self._done = asyncio.Event()
         self._last_arrival = time.monotonic()
-        self._queue: AbstractQueue | None = None
-        self._consumer_tag: str | None = None
 
     def sample_with(self, sampler: Callable[[int, float], Sample]) -> None:
         """Take a `Sample` with ``sampler(outcomes, now)`` whenever a sample count is reached."""
         self._sampler = sampler
 
-    async def subscribe(self, channel: AbstractChannel, outcome_exchange: str) -> None:
-        self._queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await self._queue.bind(outcome_exchange, routing_key="#")
-        self._consumer_tag = await self._queue.consume(self._on_message, no_ack=True)
-
-    async def unsubscribe(self) -> None:
-        if self._queue is not None and self._consumer_tag is not None:
-            await self._queue.cancel(self._consumer_tag)
-            await self._queue.delete(if_unused=False, if_empty=False)
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        now = time.monotonic()
+    def received(self, outcome: outcomes.Outcome) -> None:
+        now = outcome.arrived
         self._last_arrival = now
-        command_id = message.correlation_id or ""
+        command_id = outcome.correlation_id or ""
         if command_id in self.arrivals:
             self.duplicates += 1
             return
         self.arrivals[command_id] = now
-        self.routing_keys[message.routing_key or ""] += 1
+        self.routing_keys[outcome.routing_key] += 1
         count = len(self.arrivals)
         if count in self._sample_at and self._sampler is not None:
             self.samples[count] = self._sampler(count, now)

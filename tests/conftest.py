@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.harness import AMQP_URL, TENANT_A, TENANT_B, Broker, isolated_settings
+from tests.support.harness import AMQP_URL, TENANT_A, TENANT_B, Broker, isolated_settings
 from worker.devtools.simulator import SimulatorThread
 from worker.settings import Settings
 

@@ -32,7 +32,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aio_pika.exceptions import AMQPError
 
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
-from tests.harness import TENANT_A, command
+from tests.support.harness import TENANT_A, command
+from tests.support.outcomes import Outcome
 from worker.amqp.topology import DELAY_BUCKETS, declare_topology
 from worker.devtools.simulator import RecordedInvite, SimulatorThread
 from worker.settings import Settings
@@ -325,19 +326,6 @@ class Sent:
     content_type: str | None
     call_id: str | None = None
     command_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    routing_key: str
-    correlation_id: str | None
-    event_id: str | None
-    event: dict[str, Any]
-
-    @property
-    def data(self) -> dict[str, Any]:
-        data = self.event.get("data")
-        return data if isinstance(data, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -773,7 +761,7 @@ class Scenario:
 
     async def poll(self) -> None:
         for message in await self.broker.take(self.books_queue):
-            self.outcomes.append(_outcome(message))
+            self.outcomes.append(Outcome.from_message(message))
 
     def settled_keys(self) -> set[str]:
         return {
@@ -875,16 +863,3 @@ class Scenario:
             seconds=time.monotonic() - self.started,
             leftovers=leftovers,
         )
-
-
-def _outcome(message: AbstractIncomingMessage) -> Outcome:
-    try:
-        event = json.loads(message.body)
-    except ValueError:
-        event = {"unparseable": message.body[:200].decode(errors="replace")}
-    return Outcome(
-        routing_key=message.routing_key or "",
-        correlation_id=message.correlation_id,
-        event_id=message.message_id,
-        event=event if isinstance(event, dict) else {"not_an_object": event},
-    )

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, assume, event, example, given, settin
 from hypothesis import strategies as st
 
 from tests.faults.harness import Books, Scenario, Sent
-from tests.harness import command
+from tests.support.harness import command
 from worker.devtools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration

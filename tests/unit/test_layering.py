@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Broker, isolated_settings
+from tests.support.harness import Broker, isolated_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "worker"

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import CLIENT_SECRET, make_settings
-from tests.harness import TENANT_A, TENANT_B
+from tests.support.harness import TENANT_A, TENANT_B
 from worker.core.errors import TokenUnavailable
 from worker.devtools.simulator import SimulatorThread
 from worker.graph.tokens import MsalTokenProvider, client_credential

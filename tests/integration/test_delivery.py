@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_settings
-from tests.harness import TENANT_A, Broker, command, running_worker
+from tests.support.harness import TENANT_A, Broker, command, running_worker
 from worker.devtools.simulator import FaultRule, SimulatorThread
 from worker.ops import deadletters
 from worker.settings import Settings

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.harness import TENANT_A, TENANT_B, isolated_settings
+from tests.support.harness import TENANT_A, TENANT_B, isolated_settings
 from worker.settings import Settings
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tests.fakes import FakeGraph, FakeTokens
-from tests.harness import TENANT_A, TENANT_B, command, isolated_settings
+from tests.support.fakes import FakeGraph, FakeTokens
+from tests.support.harness import TENANT_A, TENANT_B, command, isolated_settings
 from worker.app import handler_config
 from worker.core.errors import GraphNoAnswer, GraphRefused, GraphUnreachable
 from worker.core.handler import Delivery, Handled, InviteHandler

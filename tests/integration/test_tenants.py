@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import make_settings
-from tests.harness import TENANT_A, TENANT_B, Broker, command, running_worker
+from tests.support.harness import TENANT_A, TENANT_B, Broker, command, running_worker
 from worker.devtools.simulator import FaultRule, SimulatorThread
 from worker.settings import Settings
 

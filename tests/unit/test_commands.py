@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from worker.core.commands import Command, parse_command
 from worker.core.errors import InvalidCommand
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "schemas" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "schemas" / "examples"
 DEFAULT_TENANT = "11111111-1111-4111-8111-111111111111"
 COMMAND_ID = "0b6e3c34-5f0e-4d36-9d0a-3a1c7f1e0099"
 

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, Self
 
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from tests.support.outcomes import OutcomeCollector
 from worker.amqp.topology import topology_names
 from worker.app import Worker
 from worker.settings import Settings
@@ -26,21 +24,6 @@ from worker.settings import Settings
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TENANT_A = "11111111-1111-4111-8111-111111111111"
 TENANT_B = "22222222-2222-4222-8222-222222222222"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    routing_key: str
-    correlation_id: str | None
-    content_type: str | None
-    event: dict[str, Any]
-    #: time.monotonic() when the test received it.
-    arrived: float = 0.0
-
-    @property
-    def data(self) -> dict[str, Any]:
-        data: dict[str, Any] = self.event["data"]
-        return data
 
 
 class Broker:
@@ -129,47 +112,6 @@ class Broker:
                 taken.append(message)
         await channel.close()
         return taken
-
-
-class OutcomeCollector:
-    def __init__(self, queue: AbstractQueue) -> None:
-        self.queue = queue
-        self.outcomes: list[Outcome] = []
-        self._changed = asyncio.Event()
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        self.outcomes.append(
-            Outcome(
-                routing_key=message.routing_key or "",
-                correlation_id=message.correlation_id,
-                content_type=message.content_type,
-                event=json.loads(message.body),
-                arrived=time.monotonic(),
-            )
-        )
-        self._changed.set()
-
-    async def wait_for(self, count: int, timeout: float = 20) -> list[Outcome]:
-        """Wait until at least `count` outcomes arrived; fail the test after `timeout`."""
-
-        async def enough() -> None:
-            while len(self.outcomes) < count:
-                self._changed.clear()
-                await self._changed.wait()
-
-        try:
-            await asyncio.wait_for(enough(), timeout)
-        except TimeoutError:
-            raise AssertionError(
-                f"expected {count} outcomes within {timeout}s, got {len(self.outcomes)}"
-            ) from None
-        return list(self.outcomes)
-
-    def by_command(self) -> dict[str | None, list[Outcome]]:
-        grouped: dict[str | None, list[Outcome]] = {}
-        for outcome in self.outcomes:
-            grouped.setdefault(outcome.data.get("commandId"), []).append(outcome)
-        return grouped
 
 
 @asynccontextmanager

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.harness import isolated_settings
+from tests.support.harness import isolated_settings
 from worker.core.errors import GraphNoAnswer, GraphRefused, GraphUnreachable
 from worker.core.invite import InviteRequest
 from worker.graph.client import GraphClient

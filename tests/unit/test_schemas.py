@@ -20,7 +20,7 @@ from worker.core.errors import (
 )
 from worker.ops import schemas
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
 
 def load(name: str) -> dict[str, object]:

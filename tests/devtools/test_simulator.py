@@ -685,7 +685,7 @@ def test_cli_prints_a_ready_line_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     with subprocess.Popen(  # noqa: S603 - a fixed command line
         [sys.executable, "-c", script, *args],
         stdout=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         text=True,
     ) as process:
         assert process.stdout is not None

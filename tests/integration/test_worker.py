@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_settings
-from tests.harness import TENANT_A, TENANT_B, Broker, command, running_worker
+from tests.support.harness import TENANT_A, TENANT_B, Broker, command, running_worker
 from worker.devtools.simulator import FaultRule, SimulatorThread
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "schemas" / "examples").glob("*.json"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "schemas" / "examples").glob("*.json"))
 
 
 def new_id() -> str:
