@@ -1,0 +1,322 @@
+"""The ``Simulator``: one HTTPS server routing to the Entra, Graph and admin handlers, and the
+``serve``, ``run_forever`` and ``run_from_args`` entry points."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import signal
+import threading
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any, Required, TypedDict, Unpack
+from urllib.parse import unquote
+
+from worker.devtools.certs import DEFAULT_HOSTNAMES, prepare_server_tls
+from worker.devtools.simulator.admin import _admin
+from worker.devtools.simulator.common import _json_response
+from worker.devtools.simulator.entra import (
+    RecordedTokenRequest,
+    TokenEndpoint,
+    _openid_configuration,
+)
+from worker.devtools.simulator.faults import FaultRule, FaultTable
+from worker.devtools.simulator.graph import (
+    InviteEndpoint,
+    RecordedInvite,
+    _graph_error,
+    _GraphError,
+    _require_method,
+)
+from worker.observability.http_server import (
+    CLOSE_TIMEOUT_SECONDS,
+    MAX_HEAD_BYTES,
+    ConnectionAction,
+    Request,
+    Response,
+    serve_connection,
+)
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - recognised, not bound to
+
+ReadyCallback = Callable[["Simulator"], None]
+
+
+class SimulatorOptions(TypedDict, total=False):
+    directory: Required[Path]
+    host: str
+    port: int
+    latency: float
+    token_lifetime: int
+    client_secret: str | None
+    revoked_tenants: Collection[str]
+
+
+class Simulator:
+    """The simulator on the running event loop. Records, faults and latency are thread-safe.
+
+    Contact-center teams use it to try their integration without a Teams tenant, and the
+    project's tests, demo and benchmarks run the real MSAL and httpx against it. It serves:
+
+    * ``GET /{tenant}/v2.0/.well-known/openid-configuration`` - OIDC discovery, as MSAL
+      fetches it for ``authority=f"{base_url}/{tenant}"`` with ``instance_discovery=False``;
+    * ``POST /{tenant}/oauth2/v2.0/token`` - the client-credentials grant, with a client
+      secret or a certificate (a signed JWT assertion whose signature is not checked);
+    * ``POST /v1.0/communications/calls/{callId}/participants/invite`` - Graph's invite,
+      which accepts only unexpired tokens this simulator issued, with scriptable faults.
+
+    Every invite and token request is recorded. The records and controls are also reachable
+    over HTTP under ``/_simulator/`` (``GET invites``, ``GET tokens``, ``GET``/``PUT faults``,
+    ``POST reset``, ``GET``/``PUT latency``) for out-of-process users. Those admin routes
+    need no token: the simulator is a local tool that binds to loopback by default, so do
+    not expose it on a shared network.
+
+    TLS material (a private CA and a server certificate) lives in ``directory``; clients
+    trust ``ca_file``.
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        token_lifetime: int = 3600,
+        client_secret: str | None = None,
+        revoked_tenants: Collection[str] = (),
+    ) -> None:
+        self._directory = Path(directory).absolute()
+        self._host, self._port = host, port
+        self._initial_latency = latency
+        self.latency = latency
+        self._lock = threading.Lock()
+        self._entra = TokenEndpoint(
+            self._lock,
+            token_lifetime=token_lifetime,
+            client_secret=client_secret,
+            revoked_tenants=revoked_tenants,
+        )
+        self._fault_table = FaultTable(self._lock)
+        self._graph = InviteEndpoint(self._lock, self._entra, self._fault_table)
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._connections_accepted = 0
+        self._base_url: str | None = None
+        self._ca_file: Path | None = None
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the simulator is already running")
+        extra = () if self._host in (*DEFAULT_HOSTNAMES, *_WILDCARD_HOSTS) else (self._host,)
+        material, context = await asyncio.to_thread(
+            prepare_server_tls, self._directory, (*DEFAULT_HOSTNAMES, *extra)
+        )
+        self._server = await asyncio.start_server(
+            self._on_connection,
+            self._host,
+            self._port,
+            ssl=context,
+            limit=MAX_HEAD_BYTES,
+            backlog=1024,
+            ssl_handshake_timeout=10.0,
+            ssl_shutdown_timeout=CLOSE_TIMEOUT_SECONDS,
+        )
+        port = self._server.sockets[0].getsockname()[1]
+        self._base_url = f"https://{_url_host(self._host)}:{port}"
+        self._ca_file = material.ca_file
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+    @property
+    def base_url(self) -> str:
+        if self._base_url is None:
+            raise RuntimeError("the simulator has not been started")
+        return self._base_url
+
+    @property
+    def graph_base_url(self) -> str:
+        return f"{self.base_url}/v1.0"
+
+    @property
+    def authority_host(self) -> str:
+        return self.base_url
+
+    @property
+    def ca_file(self) -> Path:
+        if self._ca_file is None:
+            raise RuntimeError("the simulator has not been started")
+        return self._ca_file
+
+    @property
+    def latency(self) -> float:
+        return self._latency
+
+    @latency.setter
+    def latency(self, seconds: float) -> None:
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError("latency must be a non-negative number of seconds")
+        self._latency = float(seconds)
+
+    @property
+    def connections_accepted(self) -> int:
+        """TLS connections accepted since start (not cleared by :meth:`reset`)."""
+        return self._connections_accepted
+
+    @property
+    def invites(self) -> list[RecordedInvite]:
+        with self._lock:
+            return list(self._graph.invites)
+
+    @property
+    def token_requests(self) -> list[RecordedTokenRequest]:
+        with self._lock:
+            return list(self._entra.token_requests)
+
+    @property
+    def faults(self) -> list[tuple[FaultRule, int | None]]:
+        """The armed rules, each with how many more times it applies (None: forever)."""
+        return self._fault_table.faults
+
+    def set_faults(self, rules: Sequence[FaultRule]) -> None:
+        self._fault_table.set_faults(rules)
+
+    def reset(self) -> None:
+        """Forget records and faults and restore the configured latency.
+
+        Issued tokens stay valid, as clients cache them.
+        """
+        with self._lock:
+            self._graph.invites.clear()
+            self._entra.token_requests.clear()
+            self._fault_table.armed = []
+        self.latency = self._initial_latency
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if self._server is None or task is None:  # the handshake finished after stop()
+            writer.transport.abort()
+            return
+        self._connections_accepted += 1
+        self._connections.add(task)
+        try:
+            await serve_connection(reader, writer, self._dispatch, self._protocol_error)
+        except asyncio.CancelledError:
+            # Only stop() cancels these tasks, and it waits for them. Letting the
+            # cancellation out would make asyncio's done-callback (3.11) log an error.
+            pass
+        finally:
+            self._connections.discard(task)
+
+    async def _dispatch(self, request: Request) -> Response | ConnectionAction:
+        segments = [unquote(segment) for segment in request.path[1:].split("/")]
+        try:
+            match segments:
+                case ["v1.0", "communications", "calls", call_id, "participants", "invite"] if (
+                    call_id
+                ):
+                    _require_method(request, "POST")
+                    return await self._graph.invite(
+                        request, call_id, self.base_url, self.graph_base_url, self.latency
+                    )
+                case ["_simulator", name]:
+                    return _admin(self, request, name)
+                case [tenant, "v2.0", ".well-known", "openid-configuration"] if tenant:
+                    _require_method(request, "GET")
+                    return _json_response(200, _openid_configuration(self.base_url, tenant))
+                case [tenant, "discovery", "v2.0", "keys"] if tenant:
+                    return _json_response(200, {"keys": []})
+                case [tenant, "oauth2", "v2.0", "token"] if tenant:
+                    return self._entra.token(request, tenant, self.base_url)
+            raise _GraphError(404, "ResourceNotFound", f"No resource at {request.path}.")
+        except _GraphError as rejection:
+            return _graph_error(request, rejection, self.base_url)
+
+    def _protocol_error(self, status: int, message: str) -> Response:
+        return _graph_error(None, _GraphError(status, "BadRequest", message), self.base_url)
+
+
+async def serve(
+    *,
+    ready: ReadyCallback | None = None,
+    stop: asyncio.Event | None = None,
+    **options: Unpack[SimulatorOptions],
+) -> None:
+    """Run a simulator until ``stop`` is set (or the task is cancelled), then stop it."""
+    async with Simulator(**options) as simulator:
+        if ready is not None:
+            ready(simulator)
+        await (stop or asyncio.Event()).wait()
+
+
+async def run_forever(
+    *, ready: ReadyCallback | None = None, **options: Unpack[SimulatorOptions]
+) -> None:
+    """:func:`serve` until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Not available on Windows event loops or outside the main thread; Ctrl-C
+        # then still ends the run through KeyboardInterrupt.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        await serve(ready=ready, stop=stop, **options)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def run_from_args(args: argparse.Namespace) -> int:
+    """Serve for the CLI: one JSON ready line on stdout, then run until SIGINT or SIGTERM."""
+
+    def announce(simulator: Simulator) -> None:
+        ready = {
+            "event": "simulator.ready",
+            "base_url": simulator.base_url,
+            "graph_base_url": simulator.graph_base_url,
+            "authority_host": simulator.authority_host,
+            "ca_file": str(simulator.ca_file),
+        }
+        print(json.dumps(ready), flush=True)
+
+    await run_forever(
+        ready=announce,
+        directory=Path(args.directory),
+        host=str(args.host),
+        port=int(args.port),
+        latency=float(args.latency),
+        token_lifetime=int(args.token_lifetime),
+        client_secret=args.client_secret,
+        revoked_tenants=tuple(args.revoked_tenant or ()),
+    )
+    return 0
+
+
+def _url_host(host: str) -> str:
+    if host in _WILDCARD_HOSTS:
+        host = "::1" if ":" in host else "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
