@@ -108,6 +108,7 @@ _AADSTS: dict[int, tuple[int, str, str]] = {
     ),
     700212: (401, "invalid_client", "The client assertion audience is not the token endpoint."),
     700024: (401, "invalid_client", "Client assertion is not within its valid time range."),
+    90033: (503, "temporarily_unavailable", "A transient error has occurred. Please try again."),
     7000229: (
         400,
         "unauthorized_client",
@@ -124,10 +125,13 @@ class FaultRule:
     """One scripted misbehaviour of the invite endpoint; the first matching rule wins.
 
     A rule matches on ``call_id`` and ``tenant_id`` when given (the tenant is the one
-    the bearer token was issued for), and only ``remaining`` more times when that is not
-    None. ``hang`` reads the request and never answers; ``reset`` drops the connection
-    with a TCP reset after ``delay``; otherwise ``status`` picks a Graph error (else the
-    normal answer), sent after ``delay`` seconds plus the simulator's latency.
+    the bearer token was issued for), only on every ``every``-th such request when that is
+    given, and only ``remaining`` more times when that is not None. ``hang`` reads the
+    request and never answers; ``reset`` drops the connection with a TCP reset after
+    ``delay``; otherwise ``status`` picks a Graph error (else the normal answer), sent after
+    ``delay`` seconds plus the simulator's latency. With ``act`` the invite is carried out
+    (recorded with ``acted``) before the error is answered: a gateway timing out while
+    Graph did the work.
     """
 
     call_id: str | None = None
@@ -140,8 +144,12 @@ class FaultRule:
     hang: bool = False
     reset: bool = False
     remaining: int | None = None
+    every: int | None = None
+    act: bool = False
 
     def __post_init__(self) -> None:
+        if self.every is not None and self.every < 1:
+            raise ValueError("every must be None or a positive number of requests")
         if self.status is not None and not 400 <= self.status <= 599:
             raise ValueError("a fault status must be an HTTP error status (400-599)")
         if not (math.isfinite(self.delay) and self.delay >= 0):
@@ -174,6 +182,8 @@ class RecordedInvite:
     """The HTTP status answered, or "hang" / "reset"."""
     arrived_monotonic: float
     arrived_at: float
+    acted: bool = False
+    """Graph carried the invite out (a 200, or a fault rule with ``act``)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +210,7 @@ class SimulatorOptions(TypedDict, total=False):
 class _ArmedFault:
     rule: FaultRule
     remaining: int | None
+    seen: int = 0
 
 
 class _GraphError(Exception):
@@ -245,6 +256,7 @@ class Simulator:
         self._invites: list[RecordedInvite] = []
         self._token_requests: list[RecordedTokenRequest] = []
         self._faults: list[_ArmedFault] = []
+        self._token_outage: tuple[int, str | None] | None = None
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (tenant, monotonic expiry)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
@@ -347,6 +359,13 @@ class Simulator:
         with self._lock:
             self._faults = armed
 
+    def set_token_outage(self, status: int | None, retry_after: str | None = None) -> None:
+        """The token endpoint answers every request with `status` (5xx; None: normally)."""
+        if status is not None and not 500 <= status <= 599:
+            raise ValueError("a token outage status must be a 5xx status")
+        with self._lock:
+            self._token_outage = None if status is None else (status, retry_after)
+
     def reset(self) -> None:
         """Forget records and faults and restore the configured latency.
 
@@ -356,6 +375,7 @@ class Simulator:
             self._invites.clear()
             self._token_requests.clear()
             self._faults = []
+            self._token_outage = None
         self.latency = self._initial_latency
 
     async def _on_connection(
@@ -405,9 +425,13 @@ class Simulator:
         if content_type.startswith("application/x-www-form-urlencoded"):
             for key, value in parse_qsl(form, keep_blank_values=True):
                 params.setdefault(key, value)
+        with self._lock:
+            outage = self._token_outage
         try:
             if request.method != "POST":
                 raise _EntraError(900561)
+            if outage is not None:
+                raise _EntraError(90033, status=str(outage[0]), retry_after=outage[1] or "")
             token = self._issue_token(tenant, params)
         except _EntraError as rejection:
             response = _entra_error(request, rejection)
@@ -479,17 +503,23 @@ class Simulator:
         tenant, token_problem = self._token_tenant(request)
         rule: FaultRule | None = None
         outcome: Response | ConnectionAction
+        acted = False
         try:
             if token_problem is not None:
                 raise _GraphError(401, "InvalidAuthenticationToken", token_problem)
             rule = self._take_fault(call_id, tenant)
+            if rule is not None and rule.act:
+                # Carried out first; the error answer follows (a gateway timing out).
+                self._invite_outcome(request, call_id, body, None)
+                acted = True
             outcome = self._invite_outcome(request, call_id, body, rule)
+            acted = acted or (isinstance(outcome, Response) and outcome.status == 200)
         except _GraphError as rejection:
             outcome = self._graph_error(request, rejection)
         status = outcome.value if isinstance(outcome, ConnectionAction) else outcome.status
         sent_id = request.headers.get("client-request-id")
         record = RecordedInvite(
-            tenant, call_id, sent_id, body or {}, status, arrived_monotonic, arrived_at
+            tenant, call_id, sent_id, body or {}, status, arrived_monotonic, arrived_at, acted
         )
         with self._lock:
             self._invites.append(record)
@@ -516,6 +546,9 @@ class Simulator:
         with self._lock:
             for armed in self._faults:
                 if armed.remaining != 0 and armed.rule.applies_to(call_id, tenant):
+                    armed.seen += 1
+                    if armed.rule.every is not None and armed.seen % armed.rule.every:
+                        continue
                     if armed.remaining is not None:
                         armed.remaining -= 1
                     return armed.rule
@@ -831,6 +864,9 @@ def _graph_response(
 
 def _entra_error(request: Request, rejection: _EntraError) -> Response:
     status, error, template = _AADSTS[rejection.aadsts]
+    status = int(rejection.details.get("status", status))
+    retry_after = rejection.details.get("retry_after")
+    headers = (*_NO_CACHE, *((("Retry-After", retry_after),) if retry_after else ()))
     trace_id = str(uuid.uuid4())
     correlation_id = request.headers.get("client-request-id") or str(uuid.uuid4())
     timestamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -844,7 +880,7 @@ def _entra_error(request: Request, rejection: _EntraError) -> Response:
         "trace_id": trace_id,
         "correlation_id": correlation_id,
     }
-    return _json_response(status, payload, _NO_CACHE)
+    return _json_response(status, payload, headers)
 
 
 def _json_value(body: bytes) -> Any:
@@ -883,11 +919,11 @@ _RULE_FIELD_TYPES: dict[str, Callable[[object], bool]] = {
         lambda v: v is None or isinstance(v, str),
     ),
     **dict.fromkeys(
-        ("status", "remaining"),
+        ("status", "remaining", "every"),
         lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     ),
     "delay": _is_number,
-    **dict.fromkeys(("hang", "reset"), lambda v: isinstance(v, bool)),
+    **dict.fromkeys(("hang", "reset", "act"), lambda v: isinstance(v, bool)),
 }
 
 
