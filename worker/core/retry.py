@@ -62,16 +62,15 @@ class RetryPolicy:
 
     def is_transient(self, error: InviteError) -> bool:
         match error:
-            case GraphAmbiguous():
-                return self.retry_ambiguous
-            case GraphRefused(status=status) if status in AMBIGUOUS_STATUSES:
+            case GraphAmbiguous() | GraphNoAnswer():
                 return self.retry_ambiguous
             case GraphRefused(status=status):
-                return status in THROTTLED_STATUSES
+                # A 500, 502 or 504 typed as a plain refusal is ambiguous all the same.
+                return status in THROTTLED_STATUSES or (
+                    status in AMBIGUOUS_STATUSES and self.retry_ambiguous
+                )
             case GraphUnreachable():
                 return True
-            case GraphNoAnswer():
-                return self.retry_ambiguous
             case TokenUnavailable(transient=transient):
                 return transient
         return False
