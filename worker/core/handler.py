@@ -507,7 +507,7 @@ class InviteHandler:
         if (
             progress.retrying
             and progress.last_error is not None
-            and elapsed > (self.policy.max_elapsed)
+            and elapsed > self.policy.max_elapsed
         ):
             raise progress.last_error
 
