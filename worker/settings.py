@@ -104,7 +104,8 @@ class Settings(BaseSettings):
     requests_ca_bundle: Path | None = Field(None, validation_alias="REQUESTS_CA_BUNDLE")
 
     # --- Retries, poison messages, the circuit breaker -------------------------------------
-    #: Graph requests per command, the first included.
+    #: Graph requests per command that could have had an effect, the first included (429, 503
+    #: and 509 answers are not counted); also token requests per command while Entra ID fails.
     retry_max_attempts: int = Field(5, ge=1, le=50, validation_alias="RETRY_MAX_ATTEMPTS")
     #: Seconds from a command's first delivery after which no new attempt starts.
     retry_max_elapsed: float = Field(120.0, gt=0, validation_alias="RETRY_MAX_ELAPSED")
@@ -112,7 +113,7 @@ class Settings(BaseSettings):
     retry_max_delay: float = Field(30.0, gt=0, validation_alias="RETRY_MAX_DELAY")
     #: Waits up to this many seconds happen in the process; longer ones in a delay queue.
     retry_in_process_max: float = Field(2.0, ge=0, validation_alias="RETRY_IN_PROCESS_MAX")
-    #: Retry a request that was sent but got no answer (Graph may have acted already).
+    #: Retry a request after which Graph may have acted: sent without an answer, or 500/502/504.
     retry_ambiguous: bool = Field(False, validation_alias="RETRY_AMBIGUOUS")
     #: Redeliveries after which a command is treated as poison: failed and dead-lettered.
     max_redeliveries: int = Field(5, ge=1, le=100, validation_alias="COMMAND_MAX_REDELIVERIES")

@@ -11,8 +11,12 @@ from worker.core.ports import TokenProvider
 
 
 class FakeTokens(TokenProvider):
-    def __init__(self, *, refuse: set[str] | None = None) -> None:
+    def __init__(
+        self, *, refuse: set[str] | None = None, outage: TokenUnavailable | None = None
+    ) -> None:
         self.refuse = refuse or set()
+        #: Raised for every tenant while set: Entra ID failing (a transient error).
+        self.outage = outage
         self.requests: list[str] = []
         self.invalidated: list[str] = []
 
@@ -21,6 +25,8 @@ class FakeTokens(TokenProvider):
 
     async def token(self, tenant_id: str) -> str:
         self.requests.append(tenant_id)
+        if self.outage is not None:
+            raise self.outage
         if tenant_id in self.refuse:
             raise TokenUnavailable("unauthorized_client", "consent was revoked")
         return f"token-for-{tenant_id}"

@@ -11,9 +11,16 @@ from typing import Any
 from tests.support.fakes import FakeGraph, FakeTokens
 from tests.support.harness import TENANT_A, TENANT_B, command, isolated_settings
 from worker.app import handler_config
-from worker.core.errors import GraphNoAnswer, GraphRefused, GraphUnreachable
+from worker.core.errors import (
+    GraphAmbiguous,
+    GraphNoAnswer,
+    GraphRefused,
+    GraphUnreachable,
+    TokenUnavailable,
+)
 from worker.core.handler import Delivery, Handled, InviteHandler
 from worker.core.outcomes import OutcomeEvent, OutcomeKind
+from worker.core.retry import AMBIGUOUS_STATUSES
 from worker.settings import Settings
 
 
@@ -49,7 +56,9 @@ def event(handled: Handled) -> OutcomeEvent:
 
 
 def refused(status: int, retry_after: float | None = None) -> GraphRefused:
-    return GraphRefused(status, "Code", "message", "req", retry_after=retry_after)
+    """Graph's error answer, typed as `worker.core.invite.interpret` types it."""
+    kind = GraphAmbiguous if status in AMBIGUOUS_STATUSES else GraphRefused
+    return kind(status, "Code", "message", "req", retry_after=retry_after)
 
 
 async def test_in_flight_graph_requests_never_exceed_the_setting() -> None:
@@ -160,10 +169,10 @@ async def test_an_ambiguous_no_answer_is_not_retried_by_default() -> None:
 
 
 async def test_attempts_stop_at_the_cap_with_the_last_status() -> None:
-    graph = FakeGraph(failures=[refused(503)] * 10)
-    result = await handler(graph, RETRY_MAX_ATTEMPTS=3).handle(delivery())
+    graph = FakeGraph(failures=[refused(502)] * 10)
+    result = await handler(graph, RETRY_MAX_ATTEMPTS=3, RETRY_AMBIGUOUS=True).handle(delivery())
     assert event(result).kind is OutcomeKind.FAILED
-    assert (result.attempts, result.http_status) == (3, 503)
+    assert (result.attempts, result.http_status) == (3, 502)
 
 
 async def test_a_long_retry_after_goes_to_the_broker_and_throttles_the_tenant() -> None:
@@ -270,3 +279,137 @@ async def test_a_tenants_own_rate_limit_overrides_the_default() -> None:
     assert event(first).kind is OutcomeKind.ACCEPTED
     assert event(second).kind is OutcomeKind.EXPIRED
     assert event(other).kind is OutcomeKind.ACCEPTED
+
+
+# --- which failures are retried, and what they cost ----------------------------------------
+
+
+async def test_a_504_is_not_retried_and_fails_as_graph_ambiguous() -> None:
+    graph = FakeGraph(failures=[refused(504)])
+    result = await handler(graph).handle(delivery())
+    data = event(result).data.model_dump()
+    assert (event(result).kind, data["reason"], data["http_status"]) == (
+        OutcomeKind.FAILED,
+        "graph_ambiguous",
+        504,
+    )
+    assert (result.attempts, len(graph.sent)) == (1, 1)
+
+
+async def test_throttled_answers_do_not_use_up_the_attempt_budget() -> None:
+    failures = [refused(429, retry_after=0.01), refused(503)] * 3
+    graph = FakeGraph(failures=failures)
+    result = await handler(graph, RETRY_MAX_ATTEMPTS=2).handle(delivery())
+    assert event(result).kind is OutcomeKind.ACCEPTED
+    assert (result.attempts, result.throttled, len(graph.sent)) == (7, 6, 7)
+
+
+async def test_a_token_outage_fails_as_token_unavailable_within_the_attempt_budget() -> None:
+    outage = TokenUnavailable(
+        "temporarily_unavailable", "AADSTS90033: A transient error has occurred.", transient=True
+    )
+    graph, tokens = FakeGraph(), FakeTokens(outage=outage)
+    result = await handler(graph, tokens, RETRY_MAX_ATTEMPTS=3).handle(delivery())
+    data = event(result).data.model_dump()
+    assert (data["reason"], data["error_code"]) == ("token_unavailable", "temporarily_unavailable")
+    assert data["error_message"].startswith("AADSTS90033")
+    assert (len(tokens.requests), result.token_failures, graph.sent) == (3, 3, [])
+
+
+async def test_token_failures_carried_by_a_retry_copy_count_against_the_budget() -> None:
+    outage = TokenUnavailable("temporarily_unavailable", "busy", transient=True)
+    tokens = FakeTokens(outage=outage)
+    body = delivery()
+    retried = Delivery(
+        body.body,
+        body.content_type,
+        None,
+        prior_token_failures=2,
+        last_error="TokenUnavailable",
+    )
+    result = await handler(FakeGraph(), tokens, RETRY_MAX_ATTEMPTS=3).handle(retried)
+    assert event(result).data.model_dump()["reason"] == "token_unavailable"
+    assert len(tokens.requests) == 1
+
+
+async def test_a_retry_that_comes_back_early_waits_until_its_retry_time() -> None:
+    graph = FakeGraph()
+    body = delivery()
+    due = datetime.now(UTC).timestamp() + 0.3
+    early = Delivery(
+        body.body, body.content_type, None, prior_attempts=1, retry_at=due, last_status=429
+    )
+    result = await handler(graph).handle(early)
+    assert event(result).kind is OutcomeKind.ACCEPTED
+    assert datetime.now(UTC).timestamp() >= due
+    # Too early for a wait in the process: back to a delay queue, no Graph call.
+    later = Delivery(
+        body.body, body.content_type, None, prior_attempts=1, retry_at=due + 10, last_status=429
+    )
+    again = await handler(graph).handle(later)
+    assert again.retry_in is not None
+    assert 9 < again.retry_in <= 10.3
+    assert len(graph.sent) == 1
+
+
+async def test_a_delayed_retry_carries_the_time_it_is_due_and_its_throttled_attempts() -> None:
+    graph = FakeGraph(failures=[refused(429, retry_after=61.0)])
+    result = await handler(graph).handle(delivery())
+    assert result.retry_in == 61.0
+    assert result.retry_at is not None
+    assert abs(result.retry_at - (datetime.now(UTC).timestamp() + 61)) < 1
+    assert (result.attempts, result.throttled) == (1, 1)
+
+
+async def test_a_throttled_tenants_command_whose_deadline_falls_in_the_pause_expires_at_once() -> (
+    None
+):
+    graph = FakeGraph(failures=[refused(429, retry_after=20.0)])
+    shared = handler(graph)
+    first = await shared.handle(delivery())
+    assert first.retry_in == 20.0
+    soon = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
+    second = await shared.handle(delivery(deadline=soon))
+    assert event(second).kind is OutcomeKind.EXPIRED
+    assert len(graph.sent) == 1
+
+
+async def test_a_retry_back_after_the_elapsed_budget_fails_without_calling_graph() -> None:
+    graph = FakeGraph()
+    body = delivery()
+    late = Delivery(
+        body.body,
+        body.content_type,
+        None,
+        prior_attempts=2,
+        prior_throttled=2,
+        first_received=datetime.now(UTC).timestamp() - 121,
+        last_status=429,
+        last_error="GraphRefused",
+    )
+    result = await handler(graph).handle(late)
+    data = event(result).data.model_dump()
+    assert (event(result).kind, data["http_status"]) == (OutcomeKind.FAILED, 429)
+    assert graph.sent == []
+
+
+async def test_a_retry_that_would_start_after_the_elapsed_budget_fails_at_once() -> None:
+    graph = FakeGraph(failures=[refused(429, retry_after=30.0)])
+    shared = handler(graph)
+    first = await shared.handle(delivery())
+    assert first.retry_in == 30.0
+    # The tenant is paused for 30 s; this retry has 10 s of its budget left.
+    body = delivery()
+    retried = Delivery(
+        body.body,
+        body.content_type,
+        None,
+        prior_attempts=1,
+        prior_throttled=1,
+        first_received=datetime.now(UTC).timestamp() - 110,
+        last_status=429,
+        last_error="GraphRefused",
+    )
+    result = await shared.handle(retried)
+    assert event(result).kind is OutcomeKind.FAILED
+    assert len(graph.sent) == 1

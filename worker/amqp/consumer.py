@@ -22,16 +22,30 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError
 
-from worker.amqp.publishing import ATTEMPTS_HEADER, FIRST_RECEIVED_HEADER, Publisher
+from worker.amqp.publishing import (
+    ATTEMPTS_HEADER,
+    FIRST_RECEIVED_HEADER,
+    LAST_ERROR_HEADER,
+    LAST_STATUS_HEADER,
+    RETRY_AT_HEADER,
+    THROTTLED_HEADER,
+    TOKEN_FAILURES_HEADER,
+    Publisher,
+)
 from worker.amqp.settlement import settle
 from worker.amqp.topology import declare_topology
 from worker.core.circuit import CircuitState
 from worker.core.handler import Delivery, Handled, InviteHandler
+from worker.core.retry import MAX_RETRY_AFTER
 from worker.core.settlement import Settlement, settlement_for
 from worker.observability.metrics import Metrics
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.amqp.consumer")
+#: The error types a retry copy may name in its last-error header; anything else is ignored.
+_ERROR_TYPES = frozenset(
+    {"GraphRefused", "GraphAmbiguous", "GraphUnreachable", "GraphNoAnswer", "TokenUnavailable"}
+)
 
 
 def _int_header(headers: dict[str, Any], name: str, upper: int) -> int:
@@ -41,19 +55,26 @@ def _int_header(headers: dict[str, Any], name: str, upper: int) -> int:
     return 0
 
 
+def _epoch_header(
+    headers: dict[str, Any], name: str, earliest: float, latest: float
+) -> float | None:
+    """An epoch-milliseconds header as seconds, when it is an integer within the bounds."""
+    value = headers.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    return value / 1000 if earliest < value / 1000 <= latest else None
+
+
 def to_delivery(message: AbstractIncomingMessage) -> Delivery:
     """The handler's view of a message; headers are untrusted and checked here."""
     headers = message.headers or {}
-    first_ms = headers.get(FIRST_RECEIVED_HEADER)
     now = time.time()
-    # A first-received time from the future or older than a day is not believed.
-    first_received = (
-        first_ms / 1000
-        if isinstance(first_ms, int)
-        and not isinstance(first_ms, bool)
-        and now - 86_400 < first_ms / 1000 <= now + 60
-        else None
-    )
+    # A first-received time from the future or older than a day is not believed, nor a
+    # retry time further ahead than the longest Retry-After the worker honours.
+    first_received = _epoch_header(headers, FIRST_RECEIVED_HEADER, now - 86_400, now + 60)
+    retry_at = _epoch_header(headers, RETRY_AT_HEADER, now - 86_400, now + MAX_RETRY_AFTER)
+    last_status = _int_header(headers, LAST_STATUS_HEADER, 599)
+    last_error = headers.get(LAST_ERROR_HEADER)
 
     return Delivery(
         message.body,
@@ -61,7 +82,14 @@ def to_delivery(message: AbstractIncomingMessage) -> Delivery:
         message.message_id,
         delivery_count=_int_header(headers, "x-delivery-count", 1_000_000),
         prior_attempts=_int_header(headers, ATTEMPTS_HEADER, 1_000),
+        prior_throttled=_int_header(headers, THROTTLED_HEADER, 1_000),
+        prior_token_failures=_int_header(headers, TOKEN_FAILURES_HEADER, 1_000),
         first_received=first_received,
+        retry_at=retry_at,
+        last_status=last_status if last_status >= 400 else None,
+        last_error=last_error
+        if isinstance(last_error, str) and last_error in _ERROR_TYPES
+        else None,
     )
 
 

@@ -29,8 +29,16 @@ REQUEUE_DELAY = 1.0
 PUBLISH_TIMEOUT = 10.0
 #: Headers the worker sets on retried and dead-lettered copies of a command.
 ATTEMPTS_HEADER = "x-invite-attempts"
+#: Of those attempts, the ones Graph refused without acting (429, 503, 509).
+THROTTLED_HEADER = "x-invite-throttled-attempts"
+#: Failed token requests for the command.
+TOKEN_FAILURES_HEADER = "x-invite-token-failures"  # noqa: S105 - a header name
 #: Epoch milliseconds, an integer: AMQP header floats are 32-bit and would lose a minute.
 FIRST_RECEIVED_HEADER = "x-invite-first-received-ms"
+#: Epoch milliseconds before which the next attempt must not start (Retry-After, backoff).
+RETRY_AT_HEADER = "x-invite-retry-at-ms"
+LAST_STATUS_HEADER = "x-invite-last-status"
+LAST_ERROR_HEADER = "x-invite-last-error"
 _BROKER_HEADERS = frozenset(
     {
         "x-death",
@@ -111,14 +119,21 @@ class Publisher:
 
     async def publish_retry(self, message: AbstractIncomingMessage, handled: Handled) -> bool:
         assert handled.retry_in is not None  # noqa: S101 - called only for retries
+        # The longest delay queue not longer than the wait: the copy never comes back late,
+        # and the handler waits out what is left of `retry_at` when it comes back early.
         bucket = delay_bucket(handled.retry_in)
         copy = self.copy(
             message,
             {
                 ATTEMPTS_HEADER: handled.attempts,
+                THROTTLED_HEADER: handled.throttled,
+                TOKEN_FAILURES_HEADER: handled.token_failures,
                 FIRST_RECEIVED_HEADER: round(handled.first_received * 1000),
-                "x-invite-last-status": handled.http_status,
-                "x-invite-last-error": handled.error_type,
+                RETRY_AT_HEADER: None
+                if handled.retry_at is None
+                else round(handled.retry_at * 1000),
+                LAST_STATUS_HEADER: handled.http_status,
+                LAST_ERROR_HEADER: handled.error_type,
             },
         )
         channel = self._channel
@@ -137,7 +152,7 @@ class Publisher:
                 "x-invite-fault-reason": "redelivered_too_often" if handled.poison else "rejected",
                 "x-invite-error-type": handled.error_type,
                 ATTEMPTS_HEADER: handled.attempts,
-                "x-invite-last-status": handled.http_status,
+                LAST_STATUS_HEADER: handled.http_status,
                 "x-invite-request-id": handled.request_id,
                 "x-invite-outcome-id": handled.event.id if handled.event else None,
                 "x-invite-problems": json.dumps([f"{p.field}: {p.problem}" for p in problems])[

@@ -3,8 +3,13 @@
 The command queue is a quorum queue: it survives a broker node's loss, counts deliveries,
 and dead-letters a message redelivered more than `COMMAND_DELIVERY_LIMIT` times. Delay
 queues hold retries for a fixed time each, then dead-letter them back into the command
-queue. Outcomes that match no binding go to an alternate exchange and wait in
-`<OUTCOME_EXCHANGE>.unrouted` instead of being dropped.
+queue: a retry waits in the longest one not longer than its wait and carries the time its
+next attempt may start (`x-invite-retry-at-ms`), so that it never comes back late; back
+early, the handler waits the remainder in the process or sends it to a shorter delay queue.
+(Fixed-TTL queues keep first-in first-out order, which a per-message TTL on one delay queue
+would not: such messages expire only at the head of the queue.) Outcomes that match no
+binding go to an alternate exchange and wait in `<OUTCOME_EXCHANGE>.unrouted` instead of
+being dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from worker.settings import Settings
 
-#: Delay queues, in seconds: a retry waits in the shortest one at least as long as needed.
+#: Delay queues, in seconds: a retry waits in the longest one not longer than needed.
 DELAY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 
@@ -98,5 +103,5 @@ def topology_names(settings: Settings) -> tuple[list[str], list[str]]:
 
 
 def delay_bucket(seconds: float) -> int:
-    """The shortest delay queue that waits at least `seconds`."""
-    return next((b for b in DELAY_BUCKETS if b >= seconds), DELAY_BUCKETS[-1])
+    """The longest delay queue that waits no longer than `seconds` (the shortest for less)."""
+    return max((b for b in DELAY_BUCKETS if b <= seconds), default=DELAY_BUCKETS[0])

@@ -5,9 +5,10 @@ The exception tree, each leaf with the outcome event it produces::
     InviteError
     ├── InvalidCommand        invite.rejected   (the input can never succeed)
     ├── DeadlinePassed        invite.expired
-    ├── TokenUnavailable      invite.failed     (transient when Entra ID is unreachable)
+    ├── TokenUnavailable      invite.failed     (transient when Entra ID is unreachable or 5xx)
     ├── GraphError            invite.failed     (after retries, when transient)
     │   ├── GraphRefused          Graph answered with an error status
+    │   │   └── GraphAmbiguous        500, 502 or 504: Graph may have acted
     │   ├── GraphUnreachable      not sent: connect error, pool timeout
     │   └── GraphNoAnswer         sent, and no answer came (timeout, reset): Graph may have acted
     └── RedeliveredTooOften   invite.failed     (a poison message: it kept coming back)
@@ -29,6 +30,7 @@ FailureReason = Literal[
     "graph_refused",
     "graph_unreachable",
     "graph_no_answer",
+    "graph_ambiguous",
     "token_unavailable",
     "redelivered_too_often",
 ]
@@ -63,12 +65,21 @@ class DeadlinePassed(InviteError):
 class TokenUnavailable(InviteError):
     """Entra ID did not issue a token for the tenant (consent revoked, bad credential...)."""
 
-    def __init__(self, error: str, description: str, *, transient: bool = False):
+    def __init__(
+        self,
+        error: str,
+        description: str,
+        *,
+        transient: bool = False,
+        retry_after: float | None = None,
+    ):
         super().__init__(f"{error}: {description}")
         self.error = error
         self.description = description
-        #: Entra ID could not be reached, as opposed to refusing.
+        #: Entra ID could not be reached or answered 5xx, as opposed to refusing.
         self.transient = transient
+        #: Seconds from Entra ID's Retry-After header, when it sent one.
+        self.retry_after = retry_after
 
 
 class GraphError(InviteError):
@@ -99,6 +110,13 @@ class GraphRefused(GraphError):
         self.request_id = request_id
         #: Seconds from Graph's Retry-After header, when it sent one.
         self.retry_after = retry_after
+
+
+class GraphAmbiguous(GraphRefused):
+    """Graph answered 500, 502 or 504 to the invite: like a timeout after sending, it may
+    have acted (a gateway timing out does not stop the service behind it)."""
+
+    reason: ClassVar[FailureReason] = "graph_ambiguous"
 
 
 class GraphUnreachable(GraphError):

@@ -20,6 +20,7 @@ from worker.core.circuit import CircuitBreaker, CircuitState
 from worker.core.commands import Command, parse_command
 from worker.core.errors import (
     DeadlinePassed,
+    GraphAmbiguous,
     GraphError,
     GraphNoAnswer,
     GraphRefused,
@@ -34,7 +35,7 @@ from worker.core.invite import GraphAccepted, InviteRequest, build_request
 from worker.core.outcomes import OutcomeEvent
 from worker.core.ports import InviteSender, TokenProvider
 from worker.core.ratelimit import TenantRateLimits
-from worker.core.retry import RetryPolicy
+from worker.core.retry import AMBIGUOUS_STATUSES, RetryPolicy
 from worker.core.settled import SettledCommands
 from worker.core.slots import FairSlots
 from worker.observability.metrics import Metrics
@@ -82,8 +83,17 @@ class Delivery:
     delivery_count: int = 0
     #: Graph attempts made for this command by earlier deliveries (delayed retries).
     prior_attempts: int = 0
+    #: Of those, the attempts Graph refused without acting (429, 503, 509).
+    prior_throttled: int = 0
+    #: Failed token requests for this command by earlier deliveries.
+    prior_token_failures: int = 0
     #: When the command was first received (epoch seconds), carried across retries.
     first_received: float | None = None
+    #: No attempt before this time (epoch seconds): a delayed retry that came back early.
+    retry_at: float | None = None
+    #: The last failure of an earlier delivery: its HTTP status and error type.
+    last_status: int | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +104,13 @@ class Handled:
     event: OutcomeEvent | None = None
     #: Seconds after which the broker should deliver the command again.
     retry_in: float | None = None
+    #: When (epoch seconds) the next attempt may start, with `retry_in`.
+    retry_at: float | None = None
     attempts: int = 0
+    #: Of `attempts`, those Graph refused without acting (429, 503, 509): not counted against
+    #: RETRY_MAX_ATTEMPTS.
+    throttled: int = 0
+    token_failures: int = 0
     first_received: float = 0.0
     http_status: int | None = None
     request_id: str | None = None
@@ -111,15 +127,55 @@ class Handled:
 class _Progress:
     attempts: int
     first_received: float
+    throttled: int = 0
+    token_failures: int = 0
+    retry_at: float | None = None
     http_status: int | None = None
     request_id: str | None = None
     error_type: str | None = None
+    #: The failure the next attempt would retry; raised when no attempt may start any more.
+    last_error: InviteError | None = None
+
+    @classmethod
+    def of(cls, delivery: Delivery, now: float) -> _Progress:
+        progress = cls(
+            delivery.prior_attempts,
+            delivery.first_received or now,
+            throttled=min(delivery.prior_throttled, delivery.prior_attempts),
+            token_failures=delivery.prior_token_failures,
+            retry_at=delivery.retry_at,
+            http_status=delivery.last_status,
+            error_type=delivery.last_error,
+        )
+        if progress.attempts or progress.token_failures:
+            progress.last_error = _earlier_failure(delivery.last_status, delivery.last_error)
+        return progress
+
+    @property
+    def retrying(self) -> bool:
+        return self.attempts > 0 or self.token_failures > 0
 
     def note(self, error: InviteError) -> None:
         self.error_type = type(error).__name__
+        self.last_error = error
         if isinstance(error, GraphError):
             self.http_status = error.status
             self.request_id = error.request_id
+
+
+_SPENT = "the retry budget (RETRY_MAX_ELAPSED) was spent before Graph could be tried again"
+
+
+def _earlier_failure(status: int | None, error_type: str | None) -> InviteError:
+    """An earlier delivery's last failure, from what its retry copy carries."""
+    if error_type == "TokenUnavailable":
+        return TokenUnavailable("token_unavailable", _SPENT, transient=True)
+    if error_type == "GraphNoAnswer":
+        return GraphNoAnswer(_SPENT)
+    if status is not None:
+        refusal = GraphAmbiguous if status in AMBIGUOUS_STATUSES else GraphRefused
+        return refusal(status, None, _SPENT, None)
+    return GraphUnreachable(_SPENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +264,7 @@ class InviteHandler:
     async def handle(self, delivery: Delivery) -> Handled:
         started = self._clock()
         wall = self._now().timestamp()
-        progress = _Progress(delivery.prior_attempts, delivery.first_received or wall)
+        progress = _Progress.of(delivery, wall)
         command: Command | None = None
         try:
             command = parse_command(
@@ -233,12 +289,7 @@ class InviteHandler:
                     replayed=not confirmed,
                 )
             if command.command_id in self._in_progress:
-                return Handled(
-                    command,
-                    retry_in=_IN_PROGRESS_RETRY,
-                    first_received=progress.first_received,
-                    attempts=progress.attempts,
-                )
+                return self._handled(command, progress, retry_in=_IN_PROGRESS_RETRY)
             if delivery.delivery_count > self._config.max_redeliveries:
                 raise RedeliveredTooOften(delivery.delivery_count + 1)
             self._in_progress.add(command.command_id)
@@ -261,7 +312,12 @@ class InviteHandler:
             )
         if isinstance(result, _RetryLater):
             self.metrics.retries_scheduled.inc("broker")
-            return self._handled(command, progress, retry_in=result.delay)
+            return self._handled(
+                command,
+                progress,
+                retry_in=result.delay,
+                retry_at=self._now().timestamp() + result.delay,
+            )
         event = outcomes.accepted(
             command,
             operation_id=result.operation_id,
@@ -283,13 +339,17 @@ class InviteHandler:
         *,
         event: OutcomeEvent | None = None,
         retry_in: float | None = None,
+        retry_at: float | None = None,
         poison: bool = False,
     ) -> Handled:
         return Handled(
             command,
             event=event,
             retry_in=retry_in,
+            retry_at=retry_at,
             attempts=progress.attempts,
+            throttled=progress.throttled,
+            token_failures=progress.token_failures,
             first_received=progress.first_received,
             http_status=progress.http_status,
             request_id=progress.request_id,
@@ -297,24 +357,34 @@ class InviteHandler:
             poison=poison,
         )
 
-    async def _invite(self, command: Command, progress: _Progress) -> GraphAccepted | _RetryLater:
+    async def _invite(  # noqa: PLR0911 - each return is a different reason to wait
+        self, command: Command, progress: _Progress
+    ) -> GraphAccepted | _RetryLater:
         """Attempts until Graph accepts, a final error is raised, or a long wait is due."""
         limiter = self._limits.for_tenant(command.tenant_id)
         request = build_request(command)
         refreshed_token = False
+        early = self._wait_before(command, progress)
+        # A delayed retry comes back from the longest delay queue not longer than its wait;
+        # the remainder is waited here, or in another delay queue.
+        if early > 0 and (early > self.policy.in_process_limit or not await self._pause(early)):
+            return _RetryLater(early)
         while True:
             self._check_deadline(command)
+            self._check_budget(progress)
             if not self.circuit.allows_traffic:
-                return _RetryLater(max(self.circuit.reopens_in(), 1.0))
+                return self._later(command, progress, max(self.circuit.reopens_in(), 1.0))
             blocked = limiter.blocked_for()
-            if blocked > 0 and (
-                blocked > self.policy.in_process_limit or not await self._pause(blocked)
-            ):
-                return _RetryLater(blocked)
+            if blocked > 0:
+                # A throttled tenant's command whose deadline or budget ends during the pause
+                # is finished now, not after the pause.
+                self._later(command, progress, blocked)
+                if blocked > self.policy.in_process_limit or not await self._pause(blocked):
+                    return _RetryLater(blocked)
             try:
                 return await self._attempt(command, request, progress)
             except _TenantPaused as paused:
-                return _RetryLater(paused.seconds)
+                return self._later(command, progress, paused.seconds)
             except GraphRefused as error:
                 if error.status == 401 and not refreshed_token:
                     # An expired or revoked token: one fresh token, one more try.
@@ -326,7 +396,7 @@ class InviteHandler:
             except (GraphError, TokenUnavailable) as error:
                 delay = self._after_failure(error, command, progress)
             if delay > self.policy.in_process_limit or not self.circuit.allows_traffic:
-                return _RetryLater(delay)
+                return self._later(command, progress, delay)
             self.metrics.retries_scheduled.inc("in_process")
             if not await self._pause(delay):
                 return _RetryLater(delay)
@@ -348,6 +418,7 @@ class InviteHandler:
             sent = self._clock()
             try:
                 self._check_deadline(command)
+                self._check_budget(progress)
                 progress.attempts += 1
                 answer = await self._sender.invite(request, token, grant.mark_sent)
             except GraphError as error:
@@ -366,6 +437,10 @@ class InviteHandler:
     ) -> float:
         """Seconds before the next attempt; raises `error` (or `DeadlinePassed`) when final."""
         progress.note(error)
+        if isinstance(error, TokenUnavailable):
+            progress.token_failures += 1
+        elif self.policy.graph_did_not_act(error):
+            progress.throttled += 1
         if isinstance(error, GraphRefused) and error.status == 429:
             retry_after = error.retry_after
             self.metrics.throttled.inc(command.tenant_id)
@@ -380,7 +455,13 @@ class InviteHandler:
         ):
             self.circuit.record_failure()
         elapsed = self._now().timestamp() - progress.first_received
-        delay = self.policy.delay_before_next(error, attempts=progress.attempts, elapsed=elapsed)
+        delay = self.policy.delay_before_next(
+            error,
+            attempts=progress.attempts,
+            elapsed=elapsed,
+            throttled=progress.throttled,
+            token_failures=progress.token_failures,
+        )
         if delay is None:
             raise error
         deadline = command.deadline
@@ -395,6 +476,40 @@ class InviteHandler:
         except TimeoutError:
             return True
         return False
+
+    def _wait_before(self, command: Command, progress: _Progress) -> float:
+        """Seconds until a delayed retry that came back early may start (0: now)."""
+        if progress.retry_at is None:
+            return 0.0
+        early = progress.retry_at - self._now().timestamp()
+        if early <= 0:
+            return 0.0
+        self._later(command, progress, early)
+        return early
+
+    def _later(self, command: Command, progress: _Progress, delay: float) -> _RetryLater:
+        """A retry due in `delay` seconds; raises when the deadline or budget ends first."""
+        now = self._now().timestamp()
+        deadline = command.deadline
+        if deadline is not None and now + delay >= deadline.timestamp():
+            raise DeadlinePassed("the deadline comes before Graph may be tried again")
+        if (
+            progress.retrying
+            and progress.last_error is not None
+            and now + delay - progress.first_received > self.policy.max_elapsed
+        ):
+            raise progress.last_error
+        return _RetryLater(delay)
+
+    def _check_budget(self, progress: _Progress) -> None:
+        """No retry starts later than RETRY_MAX_ELAPSED after the first delivery."""
+        elapsed = self._now().timestamp() - progress.first_received
+        if (
+            progress.retrying
+            and progress.last_error is not None
+            and elapsed > self.policy.max_elapsed
+        ):
+            raise progress.last_error
 
     def _check_deadline(self, command: Command) -> None:
         if command.deadline is not None and self._now() >= command.deadline:

@@ -9,8 +9,8 @@ from typing import Any
 from urllib.parse import quote
 
 from worker.core.commands import Command
-from worker.core.errors import GraphRefused
-from worker.core.retry import parse_retry_after
+from worker.core.errors import GraphAmbiguous, GraphRefused
+from worker.core.retry import AMBIGUOUS_STATUSES, parse_retry_after
 
 _MAX_ERROR_MESSAGE = 500
 
@@ -49,7 +49,8 @@ def build_request(command: Command) -> InviteRequest:
 
 
 def interpret(status: int, headers: Mapping[str, str], body: bytes) -> GraphAccepted:
-    """Graph's answer as a `GraphAccepted`, or `GraphRefused` for any non-2xx status."""
+    """Graph's answer as a `GraphAccepted`, or `GraphRefused` for any non-2xx status
+    (`GraphAmbiguous` for the statuses after which Graph may have acted)."""
     request_id = headers.get("request-id")
     document = _json_object(body)
     if 200 <= status < 300:
@@ -63,7 +64,8 @@ def interpret(status: int, headers: Mapping[str, str], body: bytes) -> GraphAcce
     error = document.get("error")
     error = error if isinstance(error, dict) else {}
     message = _text(error.get("message")) or f"HTTP {status} without a Graph error body"
-    raise GraphRefused(
+    refusal = GraphAmbiguous if status in AMBIGUOUS_STATUSES else GraphRefused
+    raise refusal(
         status,
         _text(error.get("code")),
         message[:_MAX_ERROR_MESSAGE],

@@ -5,14 +5,21 @@ never on the event loop. One `ConfidentialClientApplication` per tenant is built
 use and kept; a per-tenant lock lets one caller refresh a tenant's token while the others
 wait for its result. Tokens are held here until shortly before MSAL itself would refresh
 them, so that the usual request takes its token without leaving the event loop.
+
+A 5xx from the token endpoint reaches us as MSAL's `MsalServiceError` ("HTTP Error: 503"),
+without Entra's answer: the HTTP client keeps the last error answer of each tenant's token
+endpoint, so that the `TokenUnavailable` raised for it carries Entra's error, description and
+Retry-After. It is transient: the handler retries it within its budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,9 +27,11 @@ from typing import Any
 
 import httpx
 import msal
+from msal.exceptions import MsalServiceError
 
 from worker.core.errors import TokenUnavailable
 from worker.core.ports import TokenProvider
+from worker.core.retry import parse_retry_after
 from worker.observability.metrics import Metrics
 from worker.settings import Settings
 
@@ -37,6 +46,38 @@ _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.DOTA
 class _Token:
     value: str
     refresh_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EntraFailure:
+    """An error answer (5xx) of Entra ID's token endpoint, as far as it could be read."""
+
+    status: int
+    error: str
+    description: str
+    retry_after: float | None
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> EntraFailure:
+        try:
+            document = json.loads(response.content)
+        except (ValueError, RecursionError):
+            document = None
+        document = document if isinstance(document, dict) else {}
+        error, description = document.get("error"), document.get("error_description")
+        return cls(
+            response.status_code,
+            error if isinstance(error, str) and error else f"http_{response.status_code}",
+            _short(description)
+            if isinstance(description, str)
+            else f"the token endpoint answered HTTP {response.status_code}",
+            parse_retry_after(response.headers.get("retry-after")),
+        )
+
+    def as_error(self) -> TokenUnavailable:
+        return TokenUnavailable(
+            self.error, self.description, transient=True, retry_after=self.retry_after
+        )
 
 
 def client_credential(settings: Settings) -> str | dict[str, str]:
@@ -72,6 +113,21 @@ class MsalHttpClient:
             ssl.create_default_context(cafile=ca_file) if ca_file else True
         )
         self._client = httpx.Client(verify=verify, timeout=timeout, trust_env=False)
+        self._lock = threading.Lock()
+        self._failures: dict[str, EntraFailure] = {}
+
+    def last_failure(self, url_part: str) -> EntraFailure | None:
+        """The last 5xx answer of an endpoint whose URL contains `url_part`, if any."""
+        with self._lock:
+            return next((f for url, f in self._failures.items() if url_part in url), None)
+
+    def _noted(self, url: str, response: httpx.Response) -> httpx.Response:
+        with self._lock:
+            if response.status_code >= 500:
+                self._failures[url] = EntraFailure.of(response)
+            else:
+                self._failures.pop(url, None)
+        return response
 
     def post(
         self,
@@ -82,8 +138,10 @@ class MsalHttpClient:
         **_: Any,
     ) -> httpx.Response:
         if isinstance(data, str):
-            return self._client.post(url, params=params, content=data, headers=headers)
-        return self._client.post(url, params=params, data=data, headers=headers)
+            response = self._client.post(url, params=params, content=data, headers=headers)
+        else:
+            response = self._client.post(url, params=params, data=data, headers=headers)
+        return self._noted(url, response)
 
     def get(
         self,
@@ -92,17 +150,28 @@ class MsalHttpClient:
         headers: dict[str, str] | None = None,
         **_: Any,
     ) -> httpx.Response:
-        return self._client.get(url, params=params, headers=headers)
+        return self._noted(url, self._client.get(url, params=params, headers=headers))
 
     def close(self) -> None:
         self._client.close()
 
 
 @contextlib.contextmanager
-def map_msal_errors() -> Iterator[None]:
-    """MSAL's and its HTTP client's exceptions as `TokenUnavailable`, keeping the cause."""
+def map_msal_errors(failure: Callable[[], EntraFailure | None] = lambda: None) -> Iterator[None]:
+    """MSAL's and its HTTP client's exceptions as `TokenUnavailable`, keeping the cause.
+
+    `failure` names the token endpoint's last error answer, for MSAL's `MsalServiceError`
+    (a 5xx), which does not carry it.
+    """
     try:
         yield
+    except MsalServiceError as exc:  # a 5xx from the token endpoint (or MSAL's throttle)
+        known = failure()
+        if known is not None:
+            raise known.as_error() from exc
+        raise TokenUnavailable(
+            "identity_provider_unavailable", _short(str(exc)), transient=True
+        ) from exc
     except ValueError as exc:  # MSAL's word for a failed authority discovery
         raise TokenUnavailable("authority_discovery_failed", _short(str(exc))) from exc
     except httpx.HTTPError as exc:  # no answer, or a 5xx that MSAL raises for
@@ -184,7 +253,7 @@ class MsalTokenProvider(TokenProvider):
 
     def _acquire(self, tenant_id: str) -> dict[str, Any]:
         """Runs in a worker thread: MSAL blocks on network I/O."""
-        with map_msal_errors():
+        with map_msal_errors(lambda: self._http.last_failure(f"/{tenant_id}/")):
             app = self._apps.get(tenant_id)
             if app is None:
                 app = msal.ConfidentialClientApplication(

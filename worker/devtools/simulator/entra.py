@@ -68,6 +68,7 @@ _AADSTS: dict[int, tuple[int, str, str]] = {
     ),
     700212: (401, "invalid_client", "The client assertion audience is not the token endpoint."),
     700024: (401, "invalid_client", "Client assertion is not within its valid time range."),
+    90033: (503, "temporarily_unavailable", "A transient error has occurred. Please try again."),
     7000229: (
         400,
         "unauthorized_client",
@@ -112,6 +113,8 @@ class TokenEndpoint:
         self._revoked = frozenset(tenant.lower() for tenant in revoked_tenants)
         self.token_requests: list[RecordedTokenRequest] = []
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (tenant, monotonic expiry)
+        #: (status, Retry-After) answered to every token request during an outage.
+        self.outage: tuple[int, str | None] | None = None
 
     def token(self, request: Request, tenant: str, base_url: str) -> Response:
         form = request.body.decode("utf-8", "replace")
@@ -120,9 +123,13 @@ class TokenEndpoint:
         if content_type.startswith("application/x-www-form-urlencoded"):
             for key, value in parse_qsl(form, keep_blank_values=True):
                 params.setdefault(key, value)
+        with self._lock:
+            outage = self.outage
         try:
             if request.method != "POST":
                 raise _EntraError(900561)
+            if outage is not None:
+                raise _EntraError(90033, status=str(outage[0]), retry_after=outage[1] or "")
             token = self._issue_token(tenant, params, base_url)
         except _EntraError as rejection:
             response = _entra_error(request, rejection)
@@ -230,6 +237,9 @@ def _openid_configuration(base_url: str, tenant: str) -> dict[str, Any]:
 
 def _entra_error(request: Request, rejection: _EntraError) -> Response:
     status, error, template = _AADSTS[rejection.aadsts]
+    status = int(rejection.details.get("status", status))
+    retry_after = rejection.details.get("retry_after")
+    headers = (*_NO_CACHE, *((("Retry-After", retry_after),) if retry_after else ()))
     trace_id = str(uuid.uuid4())
     correlation_id = request.headers.get("client-request-id") or str(uuid.uuid4())
     timestamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -243,7 +253,7 @@ def _entra_error(request: Request, rejection: _EntraError) -> Response:
         "trace_id": trace_id,
         "correlation_id": correlation_id,
     }
-    return _json_response(status, payload, _NO_CACHE)
+    return _json_response(status, payload, headers)
 
 
 def _jwt_claims(token: str) -> dict[str, Any] | None:

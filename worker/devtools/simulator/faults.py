@@ -15,10 +15,13 @@ class FaultRule:
     """One scripted misbehaviour of the invite endpoint; the first matching rule wins.
 
     A rule matches on ``call_id`` and ``tenant_id`` when given (the tenant is the one
-    the bearer token was issued for), and only ``remaining`` more times when that is not
-    None. ``hang`` reads the request and never answers; ``reset`` drops the connection
-    with a TCP reset after ``delay``; otherwise ``status`` picks a Graph error (else the
-    normal answer), sent after ``delay`` seconds plus the simulator's latency.
+    the bearer token was issued for), only on every ``every``-th such request when that is
+    given, and only ``remaining`` more times when that is not None. ``hang`` reads the
+    request and never answers; ``reset`` drops the connection with a TCP reset after
+    ``delay``; otherwise ``status`` picks a Graph error (else the normal answer), sent after
+    ``delay`` seconds plus the simulator's latency. With ``act`` the invite is carried out
+    (recorded with ``acted``) before the error is answered: a gateway timing out while
+    Graph did the work.
     """
 
     call_id: str | None = None
@@ -31,8 +34,12 @@ class FaultRule:
     hang: bool = False
     reset: bool = False
     remaining: int | None = None
+    every: int | None = None
+    act: bool = False
 
     def __post_init__(self) -> None:
+        if self.every is not None and self.every < 1:
+            raise ValueError("every must be None or a positive number of requests")
         if self.status is not None and not 400 <= self.status <= 599:
             raise ValueError("a fault status must be an HTTP error status (400-599)")
         if not (math.isfinite(self.delay) and self.delay >= 0):
@@ -57,6 +64,7 @@ class FaultRule:
 class _ArmedFault:
     rule: FaultRule
     remaining: int | None
+    seen: int = 0
 
 
 class FaultTable:
@@ -80,6 +88,9 @@ class FaultTable:
         with self._lock:
             for armed in self.armed:
                 if armed.remaining != 0 and armed.rule.applies_to(call_id, tenant):
+                    armed.seen += 1
+                    if armed.rule.every is not None and armed.seen % armed.rule.every:
+                        continue
                     if armed.remaining is not None:
                         armed.remaining -= 1
                     return armed.rule
@@ -92,11 +103,11 @@ _RULE_FIELD_TYPES: dict[str, Callable[[object], bool]] = {
         lambda v: v is None or isinstance(v, str),
     ),
     **dict.fromkeys(
-        ("status", "remaining"),
+        ("status", "remaining", "every"),
         lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     ),
     "delay": _is_number,
-    **dict.fromkeys(("hang", "reset"), lambda v: isinstance(v, bool)),
+    **dict.fromkeys(("hang", "reset", "act"), lambda v: isinstance(v, bool)),
 }
 
 

@@ -39,6 +39,8 @@ class RecordedInvite:
     """The HTTP status answered, or "hang" / "reset"."""
     arrived_monotonic: float
     arrived_at: float
+    acted: bool = False
+    """Graph carried the invite out (a 200, or a fault rule with ``act``)."""
 
 
 class _GraphError(Exception):
@@ -68,17 +70,23 @@ class InviteEndpoint:
         tenant, token_problem = self._tokens.token_tenant(request)
         rule: FaultRule | None = None
         outcome: Response | ConnectionAction
+        acted = False
         try:
             if token_problem is not None:
                 raise _GraphError(401, "InvalidAuthenticationToken", token_problem)
             rule = self._faults.take_fault(call_id, tenant)
+            if rule is not None and rule.act:
+                # Carried out first; the error answer follows (a gateway timing out).
+                _invite_outcome(request, call_id, body, None, graph_base_url)
+                acted = True
             outcome = _invite_outcome(request, call_id, body, rule, graph_base_url)
+            acted = acted or (isinstance(outcome, Response) and outcome.status == 200)
         except _GraphError as rejection:
             outcome = _graph_error(request, rejection, base_url)
         status = outcome.value if isinstance(outcome, ConnectionAction) else outcome.status
         sent_id = request.headers.get("client-request-id")
         record = RecordedInvite(
-            tenant, call_id, sent_id, body or {}, status, arrived_monotonic, arrived_at
+            tenant, call_id, sent_id, body or {}, status, arrived_monotonic, arrived_at, acted
         )
         with self._lock:
             self.invites.append(record)

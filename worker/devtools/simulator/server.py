@@ -200,6 +200,13 @@ class Simulator:
     def set_faults(self, rules: Sequence[FaultRule]) -> None:
         self._fault_table.set_faults(rules)
 
+    def set_token_outage(self, status: int | None, retry_after: str | None = None) -> None:
+        """The token endpoint answers every request with `status` (5xx; None: normally)."""
+        if status is not None and not 500 <= status <= 599:
+            raise ValueError("a token outage status must be a 5xx status")
+        with self._lock:
+            self._entra.outage = None if status is None else (status, retry_after)
+
     def reset(self) -> None:
         """Forget records and faults and restore the configured latency.
 
@@ -209,6 +216,7 @@ class Simulator:
             self._graph.invites.clear()
             self._entra.token_requests.clear()
             self._fault_table.armed = []
+            self._entra.outage = None
         self.latency = self._initial_latency
 
     async def _on_connection(

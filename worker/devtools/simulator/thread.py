@@ -108,5 +108,8 @@ class SimulatorThread:
     def set_faults(self, rules: Sequence[FaultRule]) -> None:
         self.simulator.set_faults(rules)
 
+    def set_token_outage(self, status: int | None, retry_after: str | None = None) -> None:
+        self.simulator.set_token_outage(status, retry_after)
+
     def reset(self) -> None:
         self.simulator.reset()
