@@ -24,7 +24,8 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 
 from worker import __version__
-from worker.amqp.consumer import CommandConsumer
+from worker.amqp.consumer import CommandConsumer, PublisherFactory
+from worker.amqp.topology import TopologyError
 from worker.core.handler import HandlerConfig, InviteHandler
 from worker.core.ports import TokenProvider
 from worker.core.retry import RetryPolicy
@@ -76,6 +77,7 @@ class Worker:
         *,
         tokens: TokenProvider | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        publisher: PublisherFactory | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
@@ -84,7 +86,11 @@ class Worker:
         self.handler = InviteHandler(
             handler_config(settings), tokens=self.tokens, sender=self.graph, metrics=self.metrics
         )
-        self.consumer = CommandConsumer(settings, self.handler, metrics=self.metrics)
+        self.consumer = (
+            CommandConsumer(settings, self.handler, metrics=self.metrics)
+            if publisher is None
+            else CommandConsumer(settings, self.handler, metrics=self.metrics, publisher=publisher)
+        )
         self.health: HealthServer | None = None
         if settings.health_port:
             self.health = HealthServer(
@@ -185,7 +191,13 @@ async def run(settings: Settings) -> int:
         await worker.stop(grace_period=0)
         return 0
     stopped.cancel()
-    if starting.exception() is not None:
+    error = starting.exception()
+    if isinstance(error, TopologyError):
+        # Not a traceback: one line naming what the platform must change.
+        log.error(error.event, error=str(error), **error.fields)
+        await worker.stop(grace_period=0)
+        return 2
+    if error is not None:
         log.error("worker.start_failed", error=repr(starting.exception()))
         await worker.stop(grace_period=0)
         return 1

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     )
     command_queue: str = Field("invite.commands", validation_alias="COMMAND_QUEUE")
     outcome_exchange: str = Field("invite.outcomes", validation_alias="OUTCOME_EXCHANGE")
+    #: Declare the queues and exchanges at start-up (false: the platform provisions them and
+    #: the worker only checks, passively, that each exists; it needs no configure permission).
+    declare_topology: bool = Field(True, validation_alias="DECLARE_TOPOLOGY")
     #: Quorum-queue delivery limit: a command redelivered more often is dead-lettered.
     delivery_limit: int = Field(20, ge=1, le=1000, validation_alias="COMMAND_DELIVERY_LIMIT")
     #: Largest command body accepted; bigger ones are rejected unread.

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
@@ -24,6 +25,7 @@ from aio_pika.exceptions import AMQPError
 
 from worker.amqp.publishing import (
     ATTEMPTS_HEADER,
+    CRASHES_HEADER,
     FIRST_RECEIVED_HEADER,
     LAST_ERROR_HEADER,
     LAST_STATUS_HEADER,
@@ -31,9 +33,10 @@ from worker.amqp.publishing import (
     THROTTLED_HEADER,
     TOKEN_FAILURES_HEADER,
     Publisher,
+    fitted_correlation_id,
 )
 from worker.amqp.settlement import settle
-from worker.amqp.topology import declare_topology
+from worker.amqp.topology import declare_topology, existing_topology, verify_topology
 from worker.core.circuit import CircuitState
 from worker.core.handler import Delivery, Handled, InviteHandler
 from worker.core.retry import MAX_RETRY_AFTER
@@ -90,21 +93,53 @@ def to_delivery(message: AbstractIncomingMessage) -> Delivery:
         last_error=last_error
         if isinstance(last_error, str) and last_error in _ERROR_TYPES
         else None,
+        crashes=_int_header(headers, CRASHES_HEADER, 1_000),
     )
 
 
-def correlation_id(handled: Handled, message_id: str | None) -> str | None:
-    """The commandId, or the incoming message_id when the body carried none."""
+def correlation_id(handled: Handled, message_id: str | None) -> tuple[str | None, str | None]:
+    """(correlation_id, fallback): the commandId, or the message_id when there is none.
+
+    A commandId that does not fit an AMQP short string (255 bytes of UTF-8) is replaced by
+    the message_id, or left out; `fallback` then says which ("message_id" or "none").
+    """
+    command_id = None
     if handled.event is not None and handled.event.data.command_id:
-        return handled.event.data.command_id
-    return handled.command.command_id if handled.command else message_id
+        command_id = handled.event.data.command_id
+    elif handled.command is not None:
+        command_id = handled.command.command_id
+    return fitted_correlation_id(command_id, message_id)
+
+
+#: Builds the consumer's `Publisher` once its channel and exchanges exist.
+PublisherFactory = Callable[
+    [Settings, AbstractChannel, AbstractExchange, AbstractExchange, Metrics], Publisher
+]
+
+
+def _publisher(
+    settings: Settings,
+    channel: AbstractChannel,
+    outcomes: AbstractExchange,
+    dead_letters: AbstractExchange,
+    metrics: Metrics,
+) -> Publisher:
+    return Publisher(settings, channel, outcomes, dead_letters, metrics=metrics)
 
 
 class CommandConsumer:
     """Consumes the command queue with bounded concurrency and settles every message."""
 
-    def __init__(self, settings: Settings, handler: InviteHandler, *, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        handler: InviteHandler,
+        *,
+        metrics: Metrics,
+        publisher: PublisherFactory = _publisher,
+    ) -> None:
         self._settings = settings
+        self._make_publisher = publisher
         self._handler = handler
         self._metrics = metrics
         self._queue: AbstractQueue | None = None
@@ -130,10 +165,20 @@ class CommandConsumer:
         )
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        publish_channel = await connection.channel(publisher_confirms=True)
-        commands, outcomes, dead_letters = await declare_topology(publish_channel, self._settings)
-        self._publisher = Publisher(
-            self._settings, publish_channel, outcomes, dead_letters, metrics=self._metrics
+        if self._settings.declare_topology:
+            publish_channel = await connection.channel(publisher_confirms=True)
+            commands, outcomes, dead_letters = await declare_topology(
+                publish_channel, self._settings
+            )
+        else:
+            if not await verify_topology(connection, self._settings):
+                log.warning("topology.arguments_not_checked", reason="no configure permission")
+            publish_channel = await connection.channel(publisher_confirms=True)
+            commands, outcomes, dead_letters = await existing_topology(
+                publish_channel, self._settings
+            )
+        self._publisher = self._make_publisher(
+            self._settings, publish_channel, outcomes, dead_letters, self._metrics
         )
         self._consume_channel = await connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=self._settings.prefetch_count)
@@ -241,22 +286,43 @@ class CommandConsumer:
         self._metrics.commands_received.inc()
         publisher = self._publisher
         assert publisher is not None  # noqa: S101 - messages arrive only after start()
+        delivery: Delivery | None = None
+        handled: Handled | None = None
         try:
-            handled = await self._handler.handle(to_delivery(message))
+            delivery = to_delivery(message)
+            try:
+                handled = await self._handler.handle(delivery)
+            except Exception:
+                # A bug, not a verdict on the command: it comes back with the crash counted,
+                # and after COMMAND_MAX_REDELIVERIES crashes it is failed as poison.
+                self._crashed("handle", message)
+                handled = self._handler.after_crash(delivery)
+            settlement = await self._carry_out(message, handled, publisher)
         except Exception:
-            # A bug, not a verdict on the command: hand it back. After
-            # COMMAND_MAX_REDELIVERIES the command is failed and dead-lettered as poison.
-            log.exception("command.crashed", message_id=message.message_id)
-            await self._settle(message, Settlement.REQUEUE, None, publisher)
-            return
+            # Publishing or settling raised what nothing expected: the message is settled
+            # all the same, never left unacknowledged holding a prefetch slot.
+            self._crashed("settle", message)
+            settlement, handled = await self._after_settle_crash(
+                message, delivery, handled, publisher
+            )
+        if handled is not None:
+            self._log_settled(handled, settlement, message, started)
+
+    def _crashed(self, stage: str, message: AbstractIncomingMessage) -> None:
+        self._metrics.commands_crashed.inc(stage)
+        log.exception("command.crashed", stage=stage, message_id=message.message_id)
+
+    async def _carry_out(
+        self, message: AbstractIncomingMessage, handled: Handled, publisher: Publisher
+    ) -> Settlement:
+        """Publish what `handled` needs, then settle the message as the one rule says."""
         event = handled.event
         confirmed = True
         if handled.retry_in is not None:
             confirmed = await publisher.publish_retry(message, handled)
         elif event is not None:
-            confirmed = await publisher.publish_event(
-                event, correlation_id(handled, message.message_id)
-            )
+            correlation, fallback = correlation_id(handled, message.message_id)
+            confirmed = await publisher.publish_event(event, correlation, fallback=fallback)
             if handled.command is not None:
                 # Remembered before the acknowledgement: if that is lost, the redelivery
                 # is recognised and not sent to Graph again.
@@ -270,7 +336,32 @@ class CommandConsumer:
             poison=handled.poison,
         )
         await self._settle(message, settlement, handled, publisher)
-        self._log_settled(handled, settlement, message, started)
+        return settlement
+
+    async def _after_settle_crash(
+        self,
+        message: AbstractIncomingMessage,
+        delivery: Delivery | None,
+        handled: Handled | None,
+        publisher: Publisher,
+    ) -> tuple[Settlement, Handled | None]:
+        """Settle a message whose settling crashed: as a crash, or dead-lettered by the broker."""
+        try:
+            if delivery is None:
+                raise RuntimeError("the delivery could not be read")
+            if handled is not None and handled.command is not None and handled.event is not None:
+                # Its outcome was not published: a redelivery publishes it, without Graph.
+                self._handler.remember_outcome(
+                    handled.command.command_id, handled.event, confirmed=False
+                )
+            fallback = self._handler.after_crash(delivery)
+            return await self._carry_out(message, fallback, publisher), fallback
+        except Exception:
+            self._crashed("fallback", message)
+            # The broker dead-letters it (the command queue's x-dead-letter-exchange).
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=False)
+            return Settlement.DEAD_LETTER, handled
 
     async def _settle(
         self,
@@ -305,6 +396,8 @@ class CommandConsumer:
             redelivered=message.redelivered,
             duplicate=handled.duplicate,
             replayed=handled.replayed,
+            crashes=handled.crashes or None,
+            correlation_id_fallback=correlation_id(handled, message.message_id)[1],
             retry_in=handled.retry_in,
             error_type=handled.error_type,
             reason=getattr(data, "reason", None),

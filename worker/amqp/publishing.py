@@ -39,6 +39,14 @@ FIRST_RECEIVED_HEADER = "x-invite-first-received-ms"
 RETRY_AT_HEADER = "x-invite-retry-at-ms"
 LAST_STATUS_HEADER = "x-invite-last-status"
 LAST_ERROR_HEADER = "x-invite-last-error"
+#: Handler crashes so far: a crashed command comes back as a copy carrying this count, so
+#: that crashes are bounded without the broker's x-delivery-count (which RabbitMQ 4.3 no
+#: longer raises on a requeue).
+CRASHES_HEADER = "x-invite-crashes"
+#: On an outcome whose correlation_id is not the commandId: "message_id" or "none".
+CORRELATION_FALLBACK_HEADER = "x-invite-correlation-id-fallback"
+#: An AMQP short string (message_id, correlation_id, type, ...): at most 255 bytes of UTF-8.
+SHORTSTR_BYTES = 255
 _BROKER_HEADERS = frozenset(
     {
         "x-death",
@@ -51,6 +59,38 @@ _BROKER_HEADERS = frozenset(
         "x-last-death-reason",
     }
 )
+
+
+def fits_shortstr(value: str | None) -> bool:
+    """Whether `value` can be an AMQP short-string property (255 bytes of UTF-8 at most).
+
+    Untrusted strings (a JSON commandId) may be too long, or hold a lone surrogate that no
+    UTF-8 encoder accepts: either makes the AMQP library raise while publishing.
+    """
+    if value is None:
+        return False
+    if len(value) > SHORTSTR_BYTES:
+        return False
+    try:
+        return len(value.encode("utf-8")) <= SHORTSTR_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
+def fitted_correlation_id(
+    command_id: str | None, message_id: str | None
+) -> tuple[str | None, str | None]:
+    """(correlation_id, fallback): the commandId when it fits, else the message_id, else none.
+
+    `fallback` is None when the commandId is used (or there was none to use), "message_id"
+    or "none" when a commandId was there and did not fit.
+    """
+    if command_id is not None and fits_shortstr(command_id):
+        return command_id, None
+    fallback = message_id if fits_shortstr(message_id) else None
+    if command_id is None:
+        return fallback, None
+    return fallback, "message_id" if fallback is not None else "none"
 
 
 class Publisher:
@@ -86,7 +126,13 @@ class Publisher:
             return False
         return True
 
-    async def publish_event(self, event: OutcomeEvent, correlation: str | None) -> bool:
+    async def publish_event(
+        self, event: OutcomeEvent, correlation: str | None, *, fallback: str | None = None
+    ) -> bool:
+        """Publish an outcome; `correlation` must fit a short string (`fitted_correlation_id`).
+
+        `fallback` says, in a header, that the correlation_id is not the commandId.
+        """
         message = aio_pika.Message(
             event.to_json(),
             content_type=OUTCOME_CONTENT_TYPE,
@@ -96,6 +142,7 @@ class Publisher:
             type=event.type.value,
             timestamp=event.time,
             app_id="invite-worker",
+            headers={CORRELATION_FALLBACK_HEADER: fallback} if fallback else None,
         )
         confirmed = await self.publish(self._outcomes, message, event.type.value)
         if confirmed:
@@ -134,6 +181,7 @@ class Publisher:
                 else round(handled.retry_at * 1000),
                 LAST_STATUS_HEADER: handled.http_status,
                 LAST_ERROR_HEADER: handled.error_type,
+                CRASHES_HEADER: handled.crashes or None,
             },
         )
         channel = self._channel
@@ -155,6 +203,7 @@ class Publisher:
                 LAST_STATUS_HEADER: handled.http_status,
                 "x-invite-request-id": handled.request_id,
                 "x-invite-outcome-id": handled.event.id if handled.event else None,
+                CRASHES_HEADER: handled.crashes or None,
                 "x-invite-problems": json.dumps([f"{p.field}: {p.problem}" for p in problems])[
                     :2000
                 ]

@@ -10,14 +10,26 @@ early, the handler waits the remainder in the process or sends it to a shorter d
 would not: such messages expire only at the head of the queue.) Outcomes that match no
 binding go to an alternate exchange and wait in `<OUTCOME_EXCHANGE>.unrouted` instead of
 being dropped.
+
+With DECLARE_TOPOLOGY=false (queues and exchanges provisioned by the platform, no configure
+permission) nothing is declared: `verify_topology` checks passively that each exists.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+)
 
 from worker.settings import Settings
 
@@ -36,54 +48,206 @@ def _quorum(**arguments: Any) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    name: str
+    type: aio_pika.ExchangeType
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Queue:
+    name: str
+    arguments: dict[str, Any]
+    #: The fanout exchange it is bound to, if any.
+    bound_to: str | None = None
+
+
+def _objects(settings: Settings) -> tuple[list[_Exchange], list[_Queue]]:
+    """Every exchange and queue the worker uses, with the arguments it expects, in order."""
+    unrouted = settings.unrouted_outcome_queue
+    exchanges = [
+        _Exchange(settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT),
+        _Exchange(unrouted, aio_pika.ExchangeType.FANOUT),
+        _Exchange(
+            settings.outcome_exchange,
+            aio_pika.ExchangeType.TOPIC,
+            {"alternate-exchange": unrouted},
+        ),
+    ]
+    queues = [
+        _Queue(
+            settings.dead_letter_queue,
+            {"x-queue-type": "quorum"},
+            bound_to=settings.dead_letter_exchange,
+        ),
+        _Queue(unrouted, {"x-queue-type": "quorum"}, bound_to=unrouted),
+        _Queue(
+            settings.command_queue,
+            _quorum(
+                **{
+                    "x-dead-letter-exchange": settings.dead_letter_exchange,
+                    "x-delivery-limit": settings.delivery_limit,
+                }
+            ),
+        ),
+        *(
+            _Queue(
+                settings.delay_queue(seconds),
+                _quorum(
+                    **{
+                        "x-message-ttl": seconds * 1000,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": settings.command_queue,
+                    }
+                ),
+            )
+            for seconds in DELAY_BUCKETS
+        ),
+    ]
+    return exchanges, queues
+
+
+class TopologyError(Exception):
+    """The broker's topology is not what the worker needs; it cannot start (exit 2)."""
+
+    event = "topology.unusable"
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        #: What the log line names.
+        self.fields = fields
+
+
+class TopologyMissing(TopologyError):
+    """DECLARE_TOPOLOGY=false and queues or exchanges do not exist."""
+
+    event = "topology.missing"
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"missing: {', '.join(missing)}", missing=missing)
+        self.missing = missing
+
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<argument>[^']*)' for (?P<kind>queue|exchange) '(?P<name>[^']*)'"
+    r" in vhost '[^']*': received (?P<expected>.*) but current is (?P<found>.*)$"
+)
+
+
+class TopologyMismatch(TopologyError):
+    """A queue or exchange exists with arguments other than the worker's."""
+
+    event = "topology.mismatch"
+
+    def __init__(self, reply: str) -> None:
+        match = _INEQUIVALENT.search(reply)
+        if match is None:
+            super().__init__(reply, reply=reply)
+            return
+        named = f"{match['kind']} '{match['name']}'"
+        super().__init__(
+            f"{named}: argument {match['argument']} is {match['found']}, "
+            f"the worker expects {match['expected']}",
+            object=named,
+            argument=match["argument"],
+            expected=match["expected"],
+            found=match["found"],
+        )
+
+
 async def declare_topology(
     channel: AbstractChannel, settings: Settings
 ) -> tuple[AbstractQueue, AbstractExchange, AbstractExchange]:
-    """Declare (idempotently) every exchange and queue the worker uses."""
-    dlx = await channel.declare_exchange(
-        settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    """Declare (idempotently) every exchange and queue the worker uses.
+
+    Raises `TopologyMismatch` when one exists with other arguments.
+    """
+    exchanges, queues = _objects(settings)
+    declared: dict[str, AbstractExchange] = {}
+    try:
+        for exchange in exchanges:
+            declared[exchange.name] = await channel.declare_exchange(
+                exchange.name, exchange.type, durable=True, arguments=exchange.arguments or None
+            )
+        by_name: dict[str, AbstractQueue] = {}
+        for queue in queues:
+            by_name[queue.name] = await channel.declare_queue(
+                queue.name, durable=True, arguments=queue.arguments
+            )
+            if queue.bound_to is not None:
+                await by_name[queue.name].bind(declared[queue.bound_to])
+    except ChannelPreconditionFailed as exc:
+        raise TopologyMismatch(str(exc)) from None
+    return (
+        by_name[settings.command_queue],
+        declared[settings.outcome_exchange],
+        declared[settings.dead_letter_exchange],
     )
-    dead = await channel.declare_queue(
-        settings.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+
+
+async def verify_topology(connection: AbstractConnection, settings: Settings) -> bool:
+    """Check, without creating anything, that every queue and exchange exists as declared.
+
+    Raises `TopologyMissing` naming whatever does not exist, and `TopologyMismatch` for one
+    with other arguments. AMQP shows arguments only to a declare that may create: without
+    configure permission they cannot be compared, and this returns False (True otherwise).
+    Bindings cannot be checked through AMQP at all.
+    """
+    exchanges, queues = _objects(settings)
+    missing: list[str] = []
+    for exchange in exchanges:
+        async with _channel(connection) as channel:
+            try:
+                await channel.declare_exchange(exchange.name, exchange.type, passive=True)
+            except ChannelNotFoundEntity:
+                missing.append(f"exchange '{exchange.name}'")
+    for queue in queues:
+        async with _channel(connection) as channel:
+            try:
+                await channel.declare_queue(queue.name, passive=True)
+            except ChannelNotFoundEntity:
+                missing.append(f"queue '{queue.name}'")
+    if missing:
+        raise TopologyMissing(missing)
+    # Every object exists: an equivalent declare changes nothing, and a different one is
+    # refused with the argument and both values.
+    try:
+        for exchange in exchanges:
+            async with _channel(connection) as channel:
+                await channel.declare_exchange(
+                    exchange.name, exchange.type, durable=True, arguments=exchange.arguments or None
+                )
+        for queue in queues:
+            async with _channel(connection) as channel:
+                await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
+    except ChannelPreconditionFailed as exc:
+        raise TopologyMismatch(str(exc)) from None
+    except ChannelAccessRefused:
+        return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def _channel(connection: AbstractConnection) -> AsyncIterator[AbstractChannel]:
+    """A channel of its own for one check: a failed declare closes its channel."""
+    channel = await connection.channel()
+    try:
+        yield channel
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def existing_topology(
+    channel: AbstractChannel, settings: Settings
+) -> tuple[AbstractQueue, AbstractExchange, AbstractExchange]:
+    """The command queue, outcome and dead-letter exchanges, looked up passively."""
+    return (
+        await channel.get_queue(settings.command_queue, ensure=True),
+        await channel.get_exchange(settings.outcome_exchange, ensure=True),
+        await channel.get_exchange(settings.dead_letter_exchange, ensure=True),
     )
-    await dead.bind(dlx)
-    unrouted_name = settings.unrouted_outcome_queue
-    unrouted = await channel.declare_exchange(
-        unrouted_name, aio_pika.ExchangeType.FANOUT, durable=True
-    )
-    unrouted_queue = await channel.declare_queue(
-        unrouted_name, durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    await unrouted_queue.bind(unrouted)
-    outcomes = await channel.declare_exchange(
-        settings.outcome_exchange,
-        aio_pika.ExchangeType.TOPIC,
-        durable=True,
-        arguments={"alternate-exchange": unrouted_name},
-    )
-    commands = await channel.declare_queue(
-        settings.command_queue,
-        durable=True,
-        arguments=_quorum(
-            **{
-                "x-dead-letter-exchange": settings.dead_letter_exchange,
-                "x-delivery-limit": settings.delivery_limit,
-            }
-        ),
-    )
-    for seconds in DELAY_BUCKETS:
-        await channel.declare_queue(
-            settings.delay_queue(seconds),
-            durable=True,
-            arguments=_quorum(
-                **{
-                    "x-message-ttl": seconds * 1000,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": settings.command_queue,
-                }
-            ),
-        )
-    return commands, outcomes, dlx
 
 
 def topology_names(settings: Settings) -> tuple[list[str], list[str]]:

@@ -134,6 +134,12 @@ class GraphNoAnswer(GraphError):
 class RedeliveredTooOften(InviteError):
     """The broker delivered the message more often than allowed: it keeps failing."""
 
-    def __init__(self, deliveries: int):
-        super().__init__(f"delivered {deliveries} times without being settled")
+    def __init__(self, deliveries: int, *, crashed: bool = False):
+        super().__init__(
+            f"handling crashed {deliveries} times"
+            if crashed
+            else f"delivered {deliveries} times without being settled"
+        )
         self.deliveries = deliveries
+        #: Counted by the worker's crash counter rather than the broker's deliveries.
+        self.crashed = crashed

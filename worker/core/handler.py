@@ -44,6 +44,8 @@ from worker.observability.metrics import Metrics
 #: by when the first has usually settled and the second is acknowledged as a duplicate.
 _IN_PROGRESS_RETRY = 1.0
 _OUTAGE_STATUSES = frozenset({500, 502, 503, 504})
+#: Seconds before a command whose handling crashed is delivered again.
+CRASH_RETRY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,8 @@ class Delivery:
     #: The last failure of an earlier delivery: its HTTP status and error type.
     last_status: int | None = None
     last_error: str | None = None
+    #: Times handling this command crashed before (the worker's own count, from a header).
+    crashes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,8 @@ class Handled:
     replayed: bool = False
     #: The message kept coming back; it goes to the dead-letter queue.
     poison: bool = False
+    #: Set after a crash: the crashes counted so far, this one included.
+    crashes: int = 0
 
 
 @dataclass(slots=True)
@@ -260,6 +266,58 @@ class InviteHandler:
     def remember_outcome(self, command_id: str, event: OutcomeEvent, *, confirmed: bool) -> None:
         """The outcome was published (`confirmed`) or not: a redelivery gets it, not Graph."""
         self.settled.remember(command_id, event, confirmed=confirmed)
+
+    def after_crash(self, delivery: Delivery) -> Handled:
+        """What becomes of a delivery whose handling or settling raised unexpectedly.
+
+        A crash is a bug, not a verdict on the command: it comes back after `CRASH_RETRY`
+        seconds as a copy carrying the crash count, and after `max_redeliveries` crashed
+        redeliveries it fails as poison (`invite.failed`, `redelivered_too_often`) and is
+        dead-lettered. The count is the worker's own: RabbitMQ 4.3 no longer raises
+        x-delivery-count when a message is requeued.
+        """
+        crashes = delivery.crashes + 1
+        first_received = delivery.first_received or self._now().timestamp()
+        command = self._readable(delivery)
+        if crashes <= self._config.max_redeliveries:
+            return Handled(
+                command,
+                retry_in=CRASH_RETRY,
+                attempts=delivery.prior_attempts,
+                first_received=first_received,
+                error_type="crashed",
+                crashes=crashes,
+            )
+        error = RedeliveredTooOften(crashes, crashed=True)
+        event = outcomes.from_error(
+            error,
+            command,
+            attempts=delivery.prior_attempts,
+            duration_ms=0.0,
+            client_request_id=None,
+            source=self._config.event_source,
+        )
+        return Handled(
+            command,
+            event=event,
+            attempts=delivery.prior_attempts,
+            first_received=first_received,
+            error_type=type(error).__name__,
+            poison=True,
+            crashes=crashes,
+        )
+
+    def _readable(self, delivery: Delivery) -> Command | None:
+        """The command, for the ids of its outcome; None when it cannot be read at all."""
+        try:
+            return parse_command(
+                delivery.body,
+                content_type=delivery.content_type,
+                default_tenant_id=self._config.default_tenant_id,
+                max_bytes=self._config.max_command_bytes,
+            )
+        except Exception:  # the command crashed the worker once already
+            return None
 
     async def handle(self, delivery: Delivery) -> Handled:
         started = self._clock()

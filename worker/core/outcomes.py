@@ -144,7 +144,10 @@ def _ids(command: Command | None, error: InviteError | None = None) -> dict[str,
 
     def echo(key: str) -> str | None:
         value = raw.get(key)
-        return value if isinstance(value, str) and len(value) <= 256 else None
+        if not isinstance(value, str) or len(value) > 256:
+            return None
+        # JSON may carry a lone surrogate ("\ud800"), which no UTF-8 encoder accepts.
+        return value if value.isascii() or _encodable(value) else None
 
     return {
         "command_id": echo("commandId"),
@@ -152,6 +155,14 @@ def _ids(command: Command | None, error: InviteError | None = None) -> dict[str,
         "tenant_id": echo("tenantId"),
         "client_context": echo("clientContext"),
     }
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _event(kind: OutcomeKind, data: OutcomeData, source: str) -> OutcomeEvent:

@@ -163,6 +163,11 @@ class Metrics:
         self.outcome_publish_failures = Counter(
             "invite_outcome_publish_failures_total", "Outcome events the broker did not confirm."
         )
+        self.commands_crashed = Counter(
+            "invite_commands_crashed_total",
+            "Unexpected exceptions while handling or settling a command, by stage.",
+            ("stage",),
+        )
         self._gauges: list[Gauge] = []
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:

@@ -4,6 +4,11 @@
 is there; `invite-worker dead-letters replay --all` (or `--command-id ID`, repeatable) moves
 commands back to the command queue, once the cause is fixed. A replayed command starts
 afresh: the worker's fault and retry headers and the broker's x-death are removed.
+
+Neither requeues a message to look at it: a quorum queue counts every requeue as a delivery
+(RabbitMQ 4 drops a message after 20 by default), so each message looked at is published
+back to the end of the dead-letter queue, confirmed, and only then acknowledged. A crash in
+between leaves a dead letter twice rather than none.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from worker.settings import Settings
 
-_DROPPED_HEADER_PREFIXES = ("x-invite-", "x-death", "x-first-death", "x-last-death")
+_DROPPED_HEADER_PREFIXES = (
+    "x-invite-",
+    "x-death",
+    "x-first-death",
+    "x-last-death",
+    "x-delivery-count",
+)
+#: Set by the broker on delivery; a copy put back starts with none.
+_DELIVERY_HEADERS = frozenset({"x-delivery-count"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +74,46 @@ async def _take_all(
     return taken
 
 
+def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """The message with these headers, its other properties as they were."""
+    return aio_pika.Message(
+        message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+        headers=headers,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+async def _put_back(
+    channel: aio_pika.abc.AbstractChannel, name: str, message: AbstractIncomingMessage
+) -> None:
+    """Publish the message back to the queue's end (confirmed), then acknowledge it.
+
+    Not a requeue: a requeue counts as a delivery toward the queue's delivery limit.
+    """
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if isinstance(k, str) and k not in _DELIVERY_HEADERS
+    }
+    await channel.default_exchange.publish(_copy(message, headers), routing_key=name)
+    await message.ack()
+
+
 async def list_dead_letters(settings: Settings) -> list[DeadLetter]:
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     async with connection:
-        channel = await connection.channel()
+        channel = await connection.channel(publisher_confirms=True)
         messages = await _take_all(channel, settings.dead_letter_queue)
         letters = [_dead_letter(m) for m in messages]
         for message in messages:
-            await message.nack(requeue=True)
+            await _put_back(channel, settings.dead_letter_queue, message)
     return letters
 
 
@@ -82,21 +127,14 @@ async def replay(settings: Settings, command_ids: Collection[str] | None) -> lis
         for message in messages:
             letter = _dead_letter(message)
             if command_ids is not None and letter.command_id not in command_ids:
-                await message.nack(requeue=True)
+                await _put_back(channel, settings.dead_letter_queue, message)
                 continue
             headers = {
                 k: v
                 for k, v in letter.headers.items()
                 if not k.startswith(_DROPPED_HEADER_PREFIXES)
             }
-            copy = aio_pika.Message(
-                message.body,
-                content_type=message.content_type,
-                message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                headers=headers,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
+            copy = _copy(message, headers)
             # Confirmed before the dead letter is removed: a crash in between duplicates
             # the command in the queue rather than losing it.
             await channel.default_exchange.publish(copy, routing_key=settings.command_queue)
