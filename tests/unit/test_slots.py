@@ -60,3 +60,31 @@ async def test_a_freed_slot_goes_to_the_waiting_tenant_under_its_share() -> None
             event.set()
     await asyncio.gather(*tasks)
     assert slots.in_use == 0
+
+
+async def test_tenants_all_at_their_share_fill_every_slot_between_them() -> None:
+    """With a share under one half, two waiting tenants at their cap still use all the slots."""
+    slots = FairSlots(10, share=0.3)  # a cap of 3 slots per tenant while others wait
+    first, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(tenant: str, until: asyncio.Event) -> None:
+        async with slots.slot(tenant):
+            await until.wait()
+
+    # Tenant c fills every slot, so that a and b both queue up before any slot frees.
+    busy = [asyncio.create_task(hold("c", first)) for _ in range(10)]
+    await asyncio.sleep(0.05)
+    waiting = [asyncio.create_task(hold(t, release)) for t in ("a", "b") for _ in range(6)]
+    await asyncio.sleep(0.05)
+    first.set()
+    await asyncio.gather(*busy)
+    for _ in range(50):
+        if slots.in_use == 10:
+            break
+        await asyncio.sleep(0.01)
+    assert slots.in_use == 10
+    # Each got at least its share; the slots past the shares went to whoever asked first.
+    assert min(slots.held_by("a"), slots.held_by("b")) >= slots.cap
+    release.set()
+    await asyncio.gather(*waiting)
+    assert slots.in_use == 0

@@ -1,8 +1,9 @@
 """In-flight Graph request slots, shared fairly between tenants.
 
 At most `total` requests are in flight. A tenant may hold more than `share` of them only
-while no other tenant is waiting for one, so a tenant whose requests queue behind its own
-rate limit cannot take the slots the others need, and a lone tenant still gets them all.
+while no other tenant under its share is waiting for one, so a tenant whose requests queue
+behind its own rate limit cannot take the slots the others need, a lone tenant still gets
+them all, and tenants that are all at their share never leave slots idle between them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ class FairSlots:
             return False
         if self._held[tenant_id] < self.cap:
             return True
-        return not any(count for tenant, count in self._waiting.items() if tenant != tenant_id)
+        return not any(
+            count and self._held[tenant] < self.cap
+            for tenant, count in self._waiting.items()
+            if tenant != tenant_id
+        )
 
     @asynccontextmanager
     async def slot(self, tenant_id: str) -> AsyncIterator[None]:
@@ -48,6 +53,8 @@ class FairSlots:
                 self._waiting[tenant_id] -= 1
                 if not self._waiting[tenant_id]:
                     del self._waiting[tenant_id]
+                    # Others may have waited only because this tenant did.
+                    self._changed.notify_all()
             self._held[tenant_id] += 1
             self._in_use += 1
         try:
