@@ -39,6 +39,13 @@ def test_phone_numbers_are_masked_to_their_last_digits() -> None:
     assert line["numbers"] == ["+***750"]
 
 
+def test_every_number_a_command_accepts_is_masked_the_short_ones_whole() -> None:
+    """Commands accept E.164 numbers of 2 to 15 digits; none of them reaches a log line."""
+    line = render(note="short +12 and +123456 and +1234567", number="+99")
+    assert line["note"] == "short +*** and +*** and +***567"
+    assert line["number"] == "+***"
+
+
 def test_uuids_and_timestamps_are_not_mistaken_for_phone_numbers() -> None:
     value = "278405a3-f568-4b3e-b684-009193463064 at 2026-11-28T10:00:00+00:00"
     assert render(note=value)["note"] == value

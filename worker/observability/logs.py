@@ -17,12 +17,17 @@ from typing import Any, TextIO
 import structlog
 
 _SECRET_KEYS = re.compile(r"token|secret|password|passphrase|authorization|credential", re.I)
-# E.164 numbers: keep the last three digits so that an operator can tell two apart.
-_PHONE = re.compile(r"(?<![\w+])\+[1-9]\d{6,14}(?!\d)")
+# Every E.164 number a command accepts: + and 2 to 15 digits. A time-zone offset ("+10:00")
+# is not one.
+_PHONE = re.compile(r"(?<![\w+])\+[1-9]\d{1,14}(?![\d:])")
+#: Numbers this long keep their last three digits, so that an operator can tell two apart;
+#: shorter ones would give away too much of themselves and are masked whole.
+_KEEP_TAIL_FROM = 7
 
 
 def _mask_phone(match: re.Match[str]) -> str:
-    return f"+***{match.group(0)[-3:]}"
+    number = match.group(0)
+    return f"+***{number[-3:]}" if len(number) - 1 >= _KEEP_TAIL_FROM else "+***"
 
 
 @functools.lru_cache(maxsize=1024)
