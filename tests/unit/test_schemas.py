@@ -33,6 +33,24 @@ def test_schema_files_are_what_the_models_generate() -> None:
 
 
 @pytest.mark.parametrize(
+    "call_id", ["..", "a..b", "a/../b", "a/b", "a?b", "a%2Fb", "a#b", "a\\b", "", " a", "x" * 256]
+)
+def test_the_command_schema_refuses_every_call_id_the_worker_refuses(call_id: str) -> None:
+    """A publisher validating against the schema learns what the worker would reject."""
+    example = sorted((SCHEMAS / "examples").glob("*.json"))[0]
+    command = {**json.loads(example.read_text()), "callId": call_id}
+    with pytest.raises(InvalidCommand):
+        parse_command(
+            json.dumps(command).encode(),
+            content_type="application/json",
+            default_tenant_id="11111111-1111-4111-8111-111111111111",
+            max_bytes=65_536,
+        )
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(command, load("command.schema.json"))
+
+
+@pytest.mark.parametrize(
     "path", sorted((SCHEMAS / "examples").glob("*.json")), ids=lambda p: p.stem
 )
 def test_every_example_command_follows_the_command_schema(path: Path) -> None:

@@ -31,6 +31,9 @@ UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 # A Graph call id goes into the request path: only characters that cannot change the path
 # (no "/", "?", "#", "%", "\"), and no ".." segment.
 _CALL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,254}$")
+#: The same rule for the published schema, ".." included (JSON Schema patterns may look
+#: ahead; pydantic's regex engine may not, so the code checks ".." in a validator).
+_CALL_ID_SCHEMA = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._~-]{0,254}$"
 _E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
 _JSON_CONTENT_TYPES = frozenset({"application/json", "text/json"})
 #: Problems reported per command; a hostile body cannot make the outcome event huge.
@@ -111,6 +114,7 @@ class InviteCommand(BaseModel):
         alias="callId",
         description="The Graph call id; it goes into the request path.",
         pattern=_CALL_ID.pattern,
+        json_schema_extra={"pattern": _CALL_ID_SCHEMA},
     )
     tenant_id: str | None = Field(
         None,
