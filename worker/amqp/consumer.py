@@ -326,9 +326,7 @@ class CommandConsumer:
             if handled.command is not None:
                 # Remembered before the acknowledgement: if that is lost, the redelivery
                 # is recognised and not sent to Graph again.
-                self._handler.remember_outcome(
-                    handled.command.command_id, event, confirmed=confirmed
-                )
+                self._handler.remember_outcome(handled.command, event, confirmed=confirmed)
         settlement = settlement_for(
             event.kind if event is not None else None,
             confirmed=confirmed,
@@ -351,9 +349,7 @@ class CommandConsumer:
                 raise RuntimeError("the delivery could not be read")
             if handled is not None and handled.command is not None and handled.event is not None:
                 # Its outcome was not published: a redelivery publishes it, without Graph.
-                self._handler.remember_outcome(
-                    handled.command.command_id, handled.event, confirmed=False
-                )
+                self._handler.remember_outcome(handled.command, handled.event, confirmed=False)
             fallback = self._handler.after_crash(delivery)
             return await self._carry_out(message, fallback, publisher), fallback
         except Exception:

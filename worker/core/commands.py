@@ -8,6 +8,7 @@ against Graph's rules but forwarded exactly as received, so Graph's open shapes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -182,6 +183,21 @@ class Command:
     client_context: str
     participants: list[Any]
     deadline: datetime | None
+
+    def fingerprint(self) -> bytes:
+        """16 bytes that differ for commands Graph would see differently.
+
+        Covers what the invite request carries (call, tenant, participants, clientContext);
+        the deadline is left out, so an upstream that re-publishes a command with a new
+        deadline is not refused.
+        """
+        canonical = json.dumps(
+            [self.call_id, self.tenant_id, self.client_context, self.participants],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).digest()[:16]
 
 
 def parse_command(

@@ -263,9 +263,9 @@ class InviteHandler:
         """Shutdown began: waits between attempts end, and their retries go to the broker."""
         self._stopping.set()
 
-    def remember_outcome(self, command_id: str, event: OutcomeEvent, *, confirmed: bool) -> None:
+    def remember_outcome(self, command: Command, event: OutcomeEvent, *, confirmed: bool) -> None:
         """The outcome was published (`confirmed`) or not: a redelivery gets it, not Graph."""
-        self.settled.remember(command_id, event, confirmed=confirmed)
+        self.settled.remember(command.command_id, command.fingerprint(), event, confirmed=confirmed)
 
     def after_crash(self, delivery: Delivery) -> Handled:
         """What becomes of a delivery whose handling or settling raised unexpectedly.
@@ -336,15 +336,20 @@ class InviteHandler:
                 # tenant nobody configured.
                 raise InvalidCommand([Problem("tenantId", "is not a tenant this worker serves")])
             settled = self.settled.get(command.command_id)
+            if settled is not None and settled.fingerprint != command.fingerprint():
+                # An upstream bug made visible: the id is the idempotency key of another
+                # command, which was settled already.
+                raise InvalidCommand(
+                    [Problem("commandId", "was already used for a different command")]
+                )
             if settled is not None:
-                event, confirmed = settled
                 return Handled(
                     command,
-                    event=None if confirmed else event,
+                    event=settled.event,
                     attempts=progress.attempts,
                     first_received=progress.first_received,
-                    duplicate=confirmed,
-                    replayed=not confirmed,
+                    duplicate=settled.confirmed,
+                    replayed=not settled.confirmed,
                 )
             if command.command_id in self._in_progress:
                 return self._handled(command, progress, retry_in=_IN_PROGRESS_RETRY)
