@@ -106,10 +106,16 @@ class GraphClient:
         )
         with map_graph_errors():
             response = await self._transport.handle_async_request(outgoing)
-            try:
+        try:
+            with map_graph_errors():
                 body = await response.aread()
-            finally:
-                await response.aclose()
+        except GraphNoAnswer:
+            # The status line is Graph's answer; only the body was lost. A 2xx is reported as
+            # accepted without the operation's id: calling it "no answer" would invite a
+            # retry that rings the person twice. An error status keeps its meaning too.
+            body = b""
+        finally:
+            await response.aclose()
         return interpret(response.status_code, response.headers, body)
 
     async def aclose(self) -> None:

@@ -10,6 +10,11 @@ was written is `httpx.ConnectError`/`ConnectTimeout`/`WriteError` (Graph cannot 
 anything after is `httpx.ReadError`/`ReadTimeout` (it may have). The moment the body is
 written is reported through the request's `trace` extension, as httpcore does
 (`http11.send_request_body.complete`), for the rate limiter.
+
+aiohttp reports a chunk as sent just before it writes it, so "sent" alone would count a
+request that failed on a keep-alive connection the server had already closed ("Cannot write
+to closing transport") as one Graph may have acted on. `never_written` looks through the
+error for that failure, which aiohttp raises before any byte of the chunk reaches the socket.
 """
 
 from __future__ import annotations
@@ -38,6 +43,23 @@ async def _on_chunk_sent(
         trace: Trace | None = state["trace"]
         if trace is not None:
             await trace(_SENT_EVENT, {})
+
+
+_CLOSING_TRANSPORT = "Cannot write to closing transport"
+
+
+def never_written(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the request was refused before it was written."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, aiohttp.ClientConnectionResetError) and _CLOSING_TRANSPORT in str(
+            current
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class _Body(httpx.AsyncByteStream):
@@ -107,7 +129,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(str(exc), request=request) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             message = f"{type(exc).__name__}: {exc}"
-            if not state["sent"]:
+            if not state["sent"] or never_written(exc):
                 raise httpx.WriteError(message, request=request) from exc
             if isinstance(exc, asyncio.TimeoutError):
                 raise httpx.ReadTimeout(message, request=request) from exc
