@@ -382,13 +382,23 @@ def uv_on_path(bin_directory: Path) -> str:
     return os.environ["PATH"]
 
 
-def as_image_user(argv: Sequence[str | Path]) -> list[str | Path]:
-    """Run as the image's UID and GID with no supplementary groups (we are root in CI)."""
-    if os.geteuid() != 0:
-        return list(argv)  # already not root
+def as_image_user(argv: Sequence[str | Path], *, euid: int | None = None) -> list[str | Path]:
+    """Run as the image's UID and GID with no supplementary groups (we are root in CI).
+
+    Any other user cannot become the image's, and running as itself would prove nothing
+    about the image: the test fails and says so.
+    """
+    euid = os.geteuid() if euid is None else euid
+    uid = image_uid()
+    if euid == uid:
+        return list(argv)
+    if euid != 0:
+        pytest.fail(
+            f"running as the image's UID {uid} needs root (setpriv); this is UID {euid}: "
+            f"run the deploy checks as root, as CI does, or as UID {uid}"
+        )
     setpriv = shutil.which("setpriv")
     assert setpriv is not None, "setpriv (util-linux) is needed to drop to the image's user"
-    uid = image_uid()
     return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
 
 
@@ -502,6 +512,14 @@ def _setting(rendered: Mapping[tuple[str, str], Manifest], name: str) -> str:
 
 
 # --- The image's install step ---------------------------------------------------------------
+
+
+def test_the_image_user_check_fails_for_any_other_user_instead_of_running_as_it() -> None:
+    uid = image_uid()
+    assert as_image_user(["true"], euid=uid) == ["true"]
+    assert as_image_user(["true"], euid=0)[-2:] == ["--", "true"]
+    with pytest.raises(pytest.fail.Exception, match="needs root"):
+        as_image_user(["true"], euid=1000)
 
 
 @pytest.mark.timeout(600)

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.support.harness import TENANT_A, Broker, command, running_worker
+from tests.support.queues import wait_for_counts
 from worker.devtools.simulator import FaultRule, SimulatorThread
 from worker.ops import deadletters
 from worker.settings import Settings
@@ -58,16 +59,12 @@ async def test_a_command_published_twice_calls_graph_once_and_gets_one_outcome(
         await broker.publish(settings, body)
         await collector.wait_for(1)
         await broker.publish(settings, body)
-        # The second copy is settled without an outcome: wait until the queue is empty.
-        for _ in range(100):
-            if (
-                await broker.queue_depth(settings.command_queue) == 0
-                and len(simulator.invites) == 1
-            ):
-                break
-            await asyncio.sleep(0.05)
+        # The second copy is settled without an outcome: wait until nothing is ready or
+        # unacknowledged (the ready depth alone would count a copy still being handled).
+        counts = await wait_for_counts(settings.command_queue, (0, 0), timeout=15)
         await asyncio.sleep(0.3)
         outcomes = list(collector.outcomes)
+    assert counts == (0, 0)
     assert len(outcomes) == 1
     assert len(simulator.invites) == 1
 

@@ -286,7 +286,7 @@ async def test_an_outcome_the_broker_does_not_confirm_leaves_the_command_on_the_
     settings: Settings, broker: Broker, simulator: SimulatorThread
 ) -> None:
     command_id = new_id()
-    async with running_worker(settings, broker):
+    async with running_worker(settings, broker) as (worker, _):
         # A bound queue that refuses every message makes the broker nack the outcome.
         assert broker.channel is not None
         full = await broker.channel.declare_queue(
@@ -300,11 +300,13 @@ async def test_an_outcome_the_broker_does_not_confirm_leaves_the_command_on_the_
             await asyncio.sleep(0.05)
         # Let the command be redelivered at least once while the broker keeps refusing.
         await asyncio.sleep(2.5)
+        refused = worker.metrics.outcome_publish_failures.value()
     # The worker stopped: the unacknowledged command is back on the queue, whole.
     assert await broker.queue_depth(settings.command_queue) == 1
     [message] = await broker.drain_queue(settings.command_queue, expect=1)
     assert json.loads(message.body)["commandId"] == command_id
-    # Redeliveries republished the known outcome instead of inviting again.
+    # Redeliveries republished the known outcome (each refused again) instead of inviting again.
+    assert refused >= 2
     assert [i.client_request_id for i in simulator.invites] == [command_id]
 
 
