@@ -1,9 +1,15 @@
-"""The health endpoint: `/healthz`, `/readyz` and `/metrics` over plain HTTP.
+"""The health endpoint: `/healthz`, `/readyz` and `/metrics`, served by aiohttp.web.
 
 `/healthz` answers 200 while the process and its event loop run (an answer needs the loop).
 `/readyz` answers 200 only while the worker is connected to the broker, consuming, not
 draining, and the circuit to Graph is not open; 503 otherwise. `/metrics` is Prometheus'
-text format.
+text format, or OpenMetrics when the scraper's Accept header asks for it.
+
+The port faces the pod network, so it is kept cheap whatever a client does: GET and HEAD
+only (anything else 405), no request body is read (1 KiB at most is accepted), a small read
+buffer per connection, short keep-alive and lingering times, and at most `max_connections`
+open connections (more are closed as they arrive). aiohttp has no timeout for a client that
+sends its headers slowly; the connection cap bounds what such clients can hold.
 """
 
 from __future__ import annotations
@@ -13,11 +19,33 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from worker.observability.http_server import Request, Response, serve_connection
+from aiohttp import web
+
 from worker.observability.metrics import Metrics
 
-_TEXT = ("content-type", "text/plain; charset=utf-8")
-_PROMETHEUS = ("content-type", "text/plain; version=0.0.4; charset=utf-8")
+#: Open connections at once: the kubelet and a scraper need a handful; 256 cost a few MiB.
+MAX_CONNECTIONS = 256
+_TEXT = "text/plain"
+
+
+class _Refuse(asyncio.Protocol):
+    """Closes a connection over the cap as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _Capped:
+    """aiohttp's protocol factory, refusing connections once `limit` are open."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self._server = server
+        self._limit = limit
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self._server.connections) >= self._limit:
+            return _Refuse()
+        return self._server()
 
 
 class HealthServer:
@@ -28,11 +56,14 @@ class HealthServer:
         metrics: Metrics,
         ready: Callable[[], bool],
         host: str = "0.0.0.0",  # noqa: S104 - probed by the kubelet from outside the pod
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._host = host
         self._port = port
         self._metrics = metrics
         self._ready = ready
+        self._max_connections = max_connections
+        self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
 
     @property
@@ -43,32 +74,45 @@ class HealthServer:
         return port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            lambda r, w: serve_connection(r, w, self._handle, _error), self._host, self._port
+        app = web.Application(client_max_size=1024)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._scrape)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=15,
+            lingering_time=1.0,
+            read_bufsize=4096,
+            max_line_size=4096,
+            max_field_size=4096,
+            max_headers=32,
+        )
+        await self._runner.setup()
+        server = self._runner.server
+        assert server is not None  # noqa: S101 - set by setup()
+        self._server = await asyncio.get_running_loop().create_server(
+            _Capped(server, self._max_connections), self._host, self._port, backlog=128
         )
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
 
-    async def _handle(self, request: Request) -> Response:
-        if request.method not in {"GET", "HEAD"}:
-            return Response(405, b"method not allowed\n", [_TEXT, ("allow", "GET, HEAD")])
-        match request.path:
-            case "/healthz":
-                return Response(200, b"ok\n", [_TEXT])
-            case "/readyz":
-                if self._ready():
-                    return Response(200, b"ready\n", [_TEXT])
-                return Response(503, b"not ready\n", [_TEXT])
-            case "/metrics":
-                return Response(200, self._metrics.render().encode(), [_PROMETHEUS])
-        return Response(404, b"not found\n", [_TEXT])
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok\n", content_type=_TEXT)
 
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        if self._ready():
+            return web.Response(text="ready\n", content_type=_TEXT)
+        return web.Response(status=503, text="not ready\n", content_type=_TEXT)
 
-def _error(status: int, message: str) -> Response:
-    return Response(status, f"{message}\n".encode(), [_TEXT], close=True)
+    async def _scrape(self, request: web.Request) -> web.Response:
+        body, content_type = self._metrics.exposition(request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def probe(port: int, path: str = "/healthz", timeout: float = 3.0) -> bool:
