@@ -10,7 +10,7 @@ from worker.devtools.simulator.common import _is_number, _json_response, _json_v
 from worker.devtools.simulator.entra import RecordedTokenRequest
 from worker.devtools.simulator.faults import FaultRule, _rule_from_json
 from worker.devtools.simulator.graph import RecordedInvite, _GraphError
-from worker.observability.http_server import Request, Response
+from worker.devtools.simulator.http import Request, Response
 
 
 class Controls(Protocol):

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, TypeGuard
 
-from worker.observability.http_server import Response
+from worker.devtools.simulator.http import Response
 
 
 def _json_response(

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from worker.devtools.simulator.common import _is_number, _json_response
-from worker.observability.http_server import Request, Response
+from worker.devtools.simulator.http import Request, Response
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from worker.devtools.simulator.common import _json_object, _json_response
 from worker.devtools.simulator.entra import TokenEndpoint
 from worker.devtools.simulator.faults import FaultRule, FaultTable
-from worker.observability.http_server import ConnectionAction, Request, Response
+from worker.devtools.simulator.http import ConnectionAction, Request, Response
 
 MAX_CLIENT_CONTEXT = 256
 _GRAPH_CODES = {401: "InvalidAuthenticationToken", 429: "TooManyRequests", 500: "UnknownError"}

@@ -9,11 +9,17 @@ import contextlib
 import json
 import math
 import signal
+import socket
+import struct
 import threading
+import weakref
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, Required, TypedDict, Unpack
+from typing import Required, TypedDict, Unpack
 from urllib.parse import unquote
+
+from aiohttp import web
+from multidict import CIMultiDict
 
 from worker.devtools.certs import DEFAULT_HOSTNAMES, prepare_server_tls
 from worker.devtools.simulator.admin import _admin
@@ -31,14 +37,10 @@ from worker.devtools.simulator.graph import (
     _GraphError,
     _require_method,
 )
-from worker.observability.http_server import (
-    CLOSE_TIMEOUT_SECONDS,
-    MAX_HEAD_BYTES,
-    ConnectionAction,
-    Request,
-    Response,
-    serve_connection,
-)
+from worker.devtools.simulator.http import ConnectionAction, Request, Response
+
+#: Largest request body read; a bigger one is answered 413 by aiohttp.
+MAX_BODY_BYTES = 1024 * 1024
 
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - recognised, not bound to
 
@@ -102,9 +104,12 @@ class Simulator:
         )
         self._fault_table = FaultTable(self._lock)
         self._graph = InviteEndpoint(self._lock, self._entra, self._fault_table)
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
+        self._listening: socket.socket | None = None
+        self._runner: web.AppRunner | None = None
+        #: Set by stop(): hanging answers end, so that the server can close.
+        self._stopping = asyncio.Event()
         self._connections_accepted = 0
+        self._transports: weakref.WeakSet[asyncio.Transport] = weakref.WeakSet()
         self._base_url: str | None = None
         self._ca_file: Path | None = None
 
@@ -116,36 +121,42 @@ class Simulator:
         await self.stop()
 
     async def start(self) -> None:
-        if self._server is not None:
+        if self._listening is not None:
             raise RuntimeError("the simulator is already running")
         extra = () if self._host in (*DEFAULT_HOSTNAMES, *_WILDCARD_HOSTS) else (self._host,)
         material, context = await asyncio.to_thread(
             prepare_server_tls, self._directory, (*DEFAULT_HOSTNAMES, *extra)
         )
-        self._server = await asyncio.start_server(
-            self._on_connection,
-            self._host,
-            self._port,
-            ssl=context,
-            limit=MAX_HEAD_BYTES,
-            backlog=1024,
-            ssl_handshake_timeout=10.0,
-            ssl_shutdown_timeout=CLOSE_TIMEOUT_SECONDS,
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        self._stopping.clear()
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=75, shutdown_timeout=2
         )
-        port = self._server.sockets[0].getsockname()[1]
+        await self._runner.setup()
+        # A socket of our own, so that the port is known when 0 asked for any free one.
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((self._host, self._port))
+        site = web.SockSite(self._runner, listening, ssl_context=context, backlog=1024)
+        await site.start()
+        self._listening = listening
+        port = listening.getsockname()[1]
         self._base_url = f"https://{_url_host(self._host)}:{port}"
         self._ca_file = material.ca_file
 
     async def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
+        listening, self._listening = self._listening, None
+        if listening is None:
             return
-        server.close()
-        tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
+        self._stopping.set()
+        # Ended at once rather than by TLS's close_notify exchange, which waits on the client.
+        for transport in list(self._transports):
+            transport.abort()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
     @property
     def base_url(self) -> str:
@@ -179,7 +190,7 @@ class Simulator:
 
     @property
     def connections_accepted(self) -> int:
-        """TLS connections accepted since start (not cleared by :meth:`reset`)."""
+        """TLS connections that carried a request since start (not cleared by :meth:`reset`)."""
         return self._connections_accepted
 
     @property
@@ -219,23 +230,37 @@ class Simulator:
             self._entra.outage = None
         self.latency = self._initial_latency
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if self._server is None or task is None:  # the handshake finished after stop()
-            writer.transport.abort()
-            return
-        self._connections_accepted += 1
-        self._connections.add(task)
-        try:
-            await serve_connection(reader, writer, self._dispatch, self._protocol_error)
-        except asyncio.CancelledError:
-            # Only stop() cancels these tasks, and it waits for them. Letting the
-            # cancellation out would make asyncio's done-callback (3.11) log an error.
-            pass
-        finally:
-            self._connections.discard(task)
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.transport is not None and request.transport not in self._transports:
+            self._transports.add(request.transport)
+            self._connections_accepted += 1
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            key = name.lower()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        ours = Request(
+            method=request.method,
+            path=request.raw_path.partition("?")[0],
+            query=request.query_string,
+            headers=headers,
+            body=await request.read(),
+            keep_alive=request.keep_alive,
+        )
+        outcome = await self._dispatch(ours)
+        if outcome is ConnectionAction.HANG:
+            await self._stopping.wait()
+            if request.transport is not None:
+                request.transport.abort()  # stopped: the connection ends unanswered
+            raise web.HTTPServiceUnavailable
+        if outcome is ConnectionAction.RESET:
+            _reset(request)
+            raise web.HTTPServiceUnavailable  # never written: the connection is gone
+        response = web.Response(
+            status=outcome.status, body=outcome.body, headers=CIMultiDict(outcome.headers)
+        )
+        if outcome.close:
+            response.force_close()
+        return response
 
     async def _dispatch(self, request: Request) -> Response | ConnectionAction:
         segments = [unquote(segment) for segment in request.path[1:].split("/")]
@@ -260,9 +285,6 @@ class Simulator:
             raise _GraphError(404, "ResourceNotFound", f"No resource at {request.path}.")
         except _GraphError as rejection:
             return _graph_error(request, rejection, self.base_url)
-
-    def _protocol_error(self, status: int, message: str) -> Response:
-        return _graph_error(None, _GraphError(status, "BadRequest", message), self.base_url)
 
 
 async def serve(
@@ -322,6 +344,17 @@ async def run_from_args(args: argparse.Namespace) -> int:
         revoked_tenants=tuple(args.revoked_tenant or ()),
     )
     return 0
+
+
+def _reset(request: web.Request) -> None:
+    """A TCP reset instead of an answer: SO_LINGER 0, then abort the transport."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _url_host(host: str) -> str:
