@@ -192,7 +192,16 @@ class Publisher:
         )
 
     async def dead_letter(self, message: AbstractIncomingMessage, handled: Handled | None) -> None:
-        """Keep the command in the dead-letter queue with headers that say why."""
+        """Keep the command in the dead-letter queue with headers that say why.
+
+        A body over MAX_COMMAND_BYTES is not copied: it goes through the broker's own
+        dead-lettering (`x-death` says `rejected`; its outcome event says why), so that a
+        burst of huge bodies does not hold a second copy of each in the worker.
+        """
+        if len(message.body) > self._settings.max_command_bytes:
+            await message.nack(requeue=False)
+            self._metrics.dead_lettered.inc("too_large")
+            return
         extra: dict[str, Any] = {"x-invite-fault-reason": "unknown"}
         if handled is not None:
             problems = getattr(handled.event.data, "problems", None) if handled.event else None
