@@ -312,6 +312,14 @@ class WorkerProcess:
         _LIVE_PROCESSES.discard(self.process)
 
 
+def memory_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's memory from /proc/<pid>/status: VmRSS now, or VmHWM, its peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} for process {pid}")
+
+
 # --- What a test expects and what it got ---------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import Scenario
+from tests.faults.harness import Scenario, memory_mib
 from worker.devtools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
@@ -26,13 +26,6 @@ SENT = 900 * 1024
 COMMANDS = 100
 #: RSS the attack may add; the hand-written server it replaced grew by about 380 MiB.
 MAX_GROWTH_MIB = 40
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _free_port() -> int:
@@ -84,14 +77,14 @@ async def test_slowloris_on_the_health_port_leaves_memory_flat_and_commands_flow
     ) as scenario:
         worker = await scenario.start_worker()
         await asyncio.sleep(0.5)
-        before = _rss_mib(worker.pid)
+        before = memory_mib(worker.pid)
         held: list[asyncio.StreamWriter] = []
         await asyncio.gather(*(_attacker(port, held) for _ in range(CONNECTIONS)))
-        peak = max(before, _rss_mib(worker.pid))
+        peak = max(before, memory_mib(worker.pid))
         await scenario.publish_commands(COMMANDS)
         status = await asyncio.to_thread(_healthz, port)
         await scenario.wait_for_outcomes(COMMANDS, timeout=60)
-        peak = max(peak, _rss_mib(worker.pid))
+        peak = max(peak, memory_mib(worker.pid))
         for writer in held:
             writer.close()
         books = await scenario.finish(timeout=30)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import Scenario, Sent
+from tests.faults.harness import Scenario, Sent, memory_mib
 from worker.devtools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
@@ -26,13 +26,6 @@ BODY_BYTES = 15 * 1024 * 1024
 #: Bounds the prefetched bodies plus one copy in assembly; a second copy per body (the
 #: dead-letter republish) goes past it.
 PEAK_LIMIT_MIB = 420
-
-
-def _peak_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmHWM for {pid}")
 
 
 @pytest.mark.timeout(180)
@@ -50,7 +43,7 @@ async def test_twenty_bodies_of_15_mib_are_rejected_with_peak_memory_under_the_l
         [valid] = await scenario.publish_commands(1)
         worker = await scenario.start_worker()
         await scenario.wait_for_outcomes(BODIES + 1, timeout=120)
-        peak = _peak_mib(worker.pid)
+        peak = memory_mib(worker.pid, "VmHWM")
         books = await scenario.finish(timeout=60)
 
     print(f"\nworker peak RSS (VmHWM) {peak:.0f} MiB with {BODIES} bodies of 15 MiB")

@@ -33,7 +33,20 @@ OPENMETRICS_CONTENT_TYPE = openmetrics.CONTENT_TYPE_LATEST
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
-class Counter:
+class _Metric:
+    """One metric of the registry; the label values are given positionally."""
+
+    def __init__(self, name: str, label_names: Sequence[str], registry: CollectorRegistry):
+        self.name = name
+        self._labels = tuple(label_names)
+        self._registry = registry
+
+    def _sample(self, name: str, labels: tuple[str, ...]) -> float:
+        labelled = dict(zip(self._labels, labels, strict=True))
+        return self._registry.get_sample_value(name, labelled) or 0.0
+
+
+class Counter(_Metric):
     """A counter, with or without labels; `name` ends in `_total` as exposed."""
 
     def __init__(
@@ -44,25 +57,19 @@ class Counter:
         *,
         registry: CollectorRegistry,
     ) -> None:
-        self.name = name
-        self._labels = tuple(label_names)
-        self._registry = registry
+        super().__init__(name, label_names, registry)
         self._metric = prometheus_client.Counter(
             name.removesuffix("_total"), help_text, self._labels, registry=registry
         )
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        target = self._metric.labels(*labels) if labels else self._metric
-        target.inc(amount)
+        (self._metric.labels(*labels) if labels else self._metric).inc(amount)
 
     def value(self, *labels: str) -> float:
-        sample = self._registry.get_sample_value(
-            self.name, dict(zip(self._labels, labels, strict=True))
-        )
-        return sample or 0.0
+        return self._sample(self.name, labels)
 
 
-class Histogram:
+class Histogram(_Metric):
     def __init__(
         self,
         name: str,
@@ -72,22 +79,16 @@ class Histogram:
         registry: CollectorRegistry,
         buckets: Sequence[float] = LATENCY_BUCKETS,
     ) -> None:
-        self.name = name
-        self._labels = tuple(label_names)
-        self._registry = registry
+        super().__init__(name, label_names, registry)
         self._metric = prometheus_client.Histogram(
             name, help_text, self._labels, registry=registry, buckets=buckets
         )
 
     def observe(self, value: float, *labels: str) -> None:
-        target = self._metric.labels(*labels) if labels else self._metric
-        target.observe(value)
+        (self._metric.labels(*labels) if labels else self._metric).observe(value)
 
     def count(self, *labels: str) -> int:
-        sample = self._registry.get_sample_value(
-            f"{self.name}_count", dict(zip(self._labels, labels, strict=True))
-        )
-        return int(sample or 0)
+        return int(self._sample(f"{self.name}_count", labels))
 
 
 class Metrics:
