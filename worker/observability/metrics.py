@@ -163,6 +163,12 @@ class Metrics:
         self.outcome_publish_failures = Counter(
             "invite_outcome_publish_failures_total", "Outcome events the broker did not confirm."
         )
+        self.commands_abandoned = Counter(
+            "invite_commands_abandoned_total",
+            "Commands whose delivery was lost with its channel, abandoned unpublished; "
+            "'kept' when Graph had answered and the outcome waits for the redelivery.",
+            ("outcome",),
+        )
         self._gauges: list[Gauge] = []
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
