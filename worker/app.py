@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import os
 import signal
+import socket
 import time
 
 import aio_pika
@@ -66,6 +68,11 @@ def handler_config(settings: Settings) -> HandlerConfig:
         retry_ambiguous=settings.retry_ambiguous,
     )
     return HandlerConfig(**values, retry_policy=policy)
+
+
+def connection_name() -> str:
+    """The broker connection's name: the version, and which process on which host (pod)."""
+    return f"invite-worker {__version__} ({socket.gethostname()} pid {os.getpid()})"
 
 
 class Worker:
@@ -142,7 +149,7 @@ class Worker:
             try:
                 return await aio_pika.connect_robust(
                     self.settings.amqp_url.get_secret_value(),
-                    client_properties={"connection_name": f"invite-worker {__version__}"},
+                    client_properties={"connection_name": connection_name()},
                 )
             except (ConnectionError, AMQPError, OSError) as exc:
                 if attempts is not None and attempt >= attempts:

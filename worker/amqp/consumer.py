@@ -3,6 +3,10 @@
 A command's message is settled only after what it needed published (its outcome event, its
 delayed retry, its dead-letter copy) is confirmed by the broker (`worker.amqp.publishing`);
 `worker.core.settlement.settlement_for` decides how, `worker.amqp.settlement` carries it out.
+
+Each delivery gets an `Ownership`, lost when its channel (or the connection) closes: the
+broker has then requeued it, and the handler sends nothing more for it; what comes back
+abandoned is neither published nor settled (`command.abandoned`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError
+from aiormq.abc import AbstractChannel as UnderlayChannel
 
 from worker.amqp.publishing import (
     ATTEMPTS_HEADER,
@@ -39,6 +44,7 @@ from worker.amqp.settlement import settle
 from worker.amqp.topology import declare_topology, existing_topology, verify_topology
 from worker.core.circuit import CircuitState
 from worker.core.handler import Delivery, Handled, InviteHandler
+from worker.core.ownership import Ownership
 from worker.core.retry import MAX_RETRY_AFTER
 from worker.core.settlement import Settlement, settlement_for
 from worker.observability.metrics import Metrics
@@ -68,7 +74,7 @@ def _epoch_header(
     return value / 1000 if earliest < value / 1000 <= latest else None
 
 
-def to_delivery(message: AbstractIncomingMessage) -> Delivery:
+def to_delivery(message: AbstractIncomingMessage, ownership: Ownership | None = None) -> Delivery:
     """The handler's view of a message; headers are untrusted and checked here."""
     headers = message.headers or {}
     now = time.time()
@@ -94,6 +100,7 @@ def to_delivery(message: AbstractIncomingMessage) -> Delivery:
         if isinstance(last_error, str) and last_error in _ERROR_TYPES
         else None,
         crashes=_int_header(headers, CRASHES_HEADER, 1_000),
+        ownership=ownership or Ownership(),
     )
 
 
@@ -146,6 +153,10 @@ class CommandConsumer:
         self._consume_channel: AbstractChannel | None = None
         self._publisher: Publisher | None = None
         self._consumer_tag: str | None = None
+        #: Starting and cancelling the consumer, one at a time: never two consumers.
+        self._consumer_lock = asyncio.Lock()
+        #: The deliveries being handled, each with the channel it came on.
+        self._owned: dict[Ownership, UnderlayChannel | None] = {}
         self._active: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -185,16 +196,25 @@ class CommandConsumer:
         # Declared (passively) through the robust channel, so that the consumer is restored
         # after the connection is re-established.
         self._queue = await self._consume_channel.get_queue(commands.name, ensure=True)
+        self._consume_channel.close_callbacks.add(self._on_channel_closed)
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
         self.connected = True
         await self._consume()
 
     async def _consume(self) -> None:
+        async with self._consumer_lock:
+            await self._consume_unlocked()
+
+    async def _cancel(self) -> None:
+        async with self._consumer_lock:
+            await self._cancel_unlocked()
+
+    async def _consume_unlocked(self) -> None:
         if self._queue is not None and self._consumer_tag is None and not self.stopping:
             self._consumer_tag = await self._queue.consume(self._on_message)
 
-    async def _cancel(self) -> None:
+    async def _cancel_unlocked(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
             try:
@@ -202,8 +222,17 @@ class CommandConsumer:
             except (TimeoutError, AMQPError, ConnectionError, RuntimeError):
                 log.warning("consumer.cancel_failed")
 
+    def _on_channel_closed(self, *_: Any) -> None:
+        # The broker requeued every unacknowledged message of the closed channel.
+        for ownership, channel in self._owned.items():
+            if channel is None or channel.is_closed:
+                ownership.lose()
+
     def _on_connection_lost(self, *_: Any) -> None:
         self.connected = False
+        # Every delivery in hand came on the connection that is gone.
+        for ownership in self._owned:
+            ownership.lose()
         if not self.stopping:
             log.warning("broker.connection_lost")
 
@@ -225,15 +254,19 @@ class CommandConsumer:
                 await self._cancel()
                 await asyncio.sleep(self._handler.circuit_reopens_in())
                 self._handler.probe_circuit()
-            elif state is CircuitState.HALF_OPEN:
-                # One probe at a time: the rest of the backlog stays in the broker.
-                await channel.set_qos(prefetch_count=1)
-                await self._consume()
-            else:
-                # The broker applies a prefetch to consumers started after it: restart ours.
-                await channel.set_qos(prefetch_count=self._settings.prefetch_count)
-                await self._cancel()
-                await self._consume()
+                return
+            # Each step whole, in the order of the changes (the lock is first come, first
+            # served): a half-open step cannot start a second consumer beside a closed one's.
+            async with self._consumer_lock:
+                if state is CircuitState.HALF_OPEN:
+                    # One probe at a time: the rest of the backlog stays in the broker.
+                    await channel.set_qos(prefetch_count=1)
+                    await self._consume_unlocked()
+                else:
+                    # The broker applies a prefetch to consumers started after it: restart.
+                    await channel.set_qos(prefetch_count=self._settings.prefetch_count)
+                    await self._cancel_unlocked()
+                    await self._consume_unlocked()
         except (AMQPError, ConnectionError, RuntimeError):
             log.warning("graph.circuit_follow_failed", state=state.value)
 
@@ -270,18 +303,25 @@ class CommandConsumer:
         # The command runs in a task of its own, shielded from the delivery task that
         # aio-pika cancels when the channel closes: a command whose invite is under way is
         # finished and remembered, so that its redelivery is not sent to Graph again.
-        task = asyncio.get_running_loop().create_task(self._process(message))
+        ownership = Ownership()
+        try:
+            self._owned[ownership] = message.channel
+        except RuntimeError:  # the channel closed before the command could start
+            self._owned[ownership] = None
+            ownership.lose()
+        task = asyncio.get_running_loop().create_task(self._process(message, ownership))
         self._active.add(task)
         self._idle.clear()
-        task.add_done_callback(self._done)
+        task.add_done_callback(lambda done: self._done(done, ownership))
         await asyncio.shield(task)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None], ownership: Ownership) -> None:
+        self._owned.pop(ownership, None)
         self._active.discard(task)
         if not self._active:
             self._idle.set()
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    async def _process(self, message: AbstractIncomingMessage, ownership: Ownership) -> None:
         started = time.monotonic()
         self._metrics.commands_received.inc()
         publisher = self._publisher
@@ -289,14 +329,21 @@ class CommandConsumer:
         delivery: Delivery | None = None
         handled: Handled | None = None
         try:
-            delivery = to_delivery(message)
+            delivery = to_delivery(message, ownership)
             try:
                 handled = await self._handler.handle(delivery)
             except Exception:
                 # A bug, not a verdict on the command: it comes back with the crash counted,
                 # and after COMMAND_MAX_REDELIVERIES crashes it is failed as poison.
                 self._crashed("handle", message)
+                if ownership.lost:
+                    return  # the broker has handed it to another consumer already
                 handled = self._handler.after_crash(delivery)
+            # Lost after the handler returned: still nothing is published for it.
+            handled = self._handler.abandon_if_lost(delivery, handled)
+            if handled.abandoned:
+                self._log_abandoned(handled, message)
+                return
             settlement = await self._carry_out(message, handled, publisher)
         except Exception:
             # Publishing or settling raised what nothing expected: the message is settled
@@ -367,6 +414,20 @@ class CommandConsumer:
         publisher: Publisher,
     ) -> None:
         await settle(message, settlement, handled, publisher=publisher, stopping=self.stopping)
+
+    def _log_abandoned(self, handled: Handled, message: AbstractIncomingMessage) -> None:
+        self._metrics.commands_abandoned.inc("kept" if handled.outcome_kept else "unsent")
+        command = handled.command
+        log.warning(
+            "command.abandoned",
+            command_id=command.command_id if command else None,
+            call_id=command.call_id if command else None,
+            tenant_id=command.tenant_id if command else None,
+            outcome_kept=handled.outcome_kept,
+            attempts=handled.attempts,
+            message_id=message.message_id,
+            redelivered=message.redelivered,
+        )
 
     def _log_settled(
         self,

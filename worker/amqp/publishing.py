@@ -93,6 +93,10 @@ def fitted_correlation_id(
     return fallback, "message_id" if fallback is not None else "none"
 
 
+#: Bodies larger than this are dead-lettered by the broker rather than copied (see dead_letter).
+_NO_COPY_FROM = 4 * 1024 * 1024
+
+
 class Publisher:
     """Publishes on the confirming channel to the outcome, delay and dead-letter exchanges."""
 
@@ -194,11 +198,11 @@ class Publisher:
     async def dead_letter(self, message: AbstractIncomingMessage, handled: Handled | None) -> None:
         """Keep the command in the dead-letter queue with headers that say why.
 
-        A body over MAX_COMMAND_BYTES is not copied: it goes through the broker's own
-        dead-lettering (`x-death` says `rejected`; its outcome event says why), so that a
-        burst of huge bodies does not hold a second copy of each in the worker.
+        A body over MAX_COMMAND_BYTES and over 4 MiB is not copied: it goes through the
+        broker's own dead-lettering (`x-death` says `rejected`; its outcome event says why), so
+        that a burst of huge bodies does not hold a second copy of each in the worker.
         """
-        if len(message.body) > self._settings.max_command_bytes:
+        if len(message.body) > max(self._settings.max_command_bytes, _NO_COPY_FROM):
             await message.nack(requeue=False)
             self._metrics.dead_lettered.inc("too_large")
             return

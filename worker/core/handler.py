@@ -5,6 +5,12 @@ in-flight slot and the tenant's rate limit, sends the invite through an `InviteS
 retries what the `RetryPolicy` calls transient, and turns whatever happened into a
 `Handled`: an outcome event to publish, or a retry the broker should deliver later. It
 knows neither AMQP nor HTTP; the consumer and the Graph client translate at the edges.
+
+A delivery whose channel is gone (its `Ownership` lost) is no longer this process's: the
+broker has requeued it. Nothing that was not yet written to Graph is sent for it, and work
+that finished for it publishes nothing (`Handled.abandoned`); an outcome Graph answered for
+is remembered, unconfirmed, so that its redelivery here publishes that event instead of
+calling Graph again.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from worker.core import outcomes
@@ -33,6 +39,7 @@ from worker.core.errors import (
 )
 from worker.core.invite import GraphAccepted, InviteRequest, build_request
 from worker.core.outcomes import OutcomeEvent
+from worker.core.ownership import DeliveryLost, Ownership
 from worker.core.ports import InviteSender, TokenProvider
 from worker.core.ratelimit import TenantRateLimits
 from worker.core.retry import AMBIGUOUS_STATUSES, RetryPolicy
@@ -98,6 +105,8 @@ class Delivery:
     last_error: str | None = None
     #: Times handling this command crashed before (the worker's own count, from a header).
     crashes: int = 0
+    #: Lost once the channel it came on is gone; the edge that received it marks it.
+    ownership: Ownership = field(default_factory=Ownership)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +136,10 @@ class Handled:
     poison: bool = False
     #: Set after a crash: the crashes counted so far, this one included.
     crashes: int = 0
+    #: The delivery was lost (its channel is gone): publish nothing, settle nothing.
+    abandoned: bool = False
+    #: Of an abandoned command: its outcome was remembered for the redelivery.
+    outcome_kept: bool = False
 
 
 @dataclass(slots=True)
@@ -319,7 +332,38 @@ class InviteHandler:
         except Exception:  # the command crashed the worker once already
             return None
 
+    def abandon_if_lost(self, delivery: Delivery, handled: Handled) -> Handled:
+        """`handled` as it stands, or abandoned when the delivery is no longer ours.
+
+        An outcome of Graph's answer to this delivery is remembered, unconfirmed: the
+        redelivery, when it comes back here, publishes it instead of calling Graph again.
+        """
+        if not delivery.ownership.lost or handled.abandoned:
+            return handled
+        kept = (
+            handled.event is not None
+            and handled.command is not None
+            and handled.attempts > delivery.prior_attempts
+            and not handled.replayed
+        )
+        if kept and handled.command is not None and handled.event is not None:
+            self.remember_outcome(handled.command, handled.event, confirmed=False)
+        return replace(
+            handled,
+            event=None,
+            retry_in=None,
+            duplicate=False,
+            replayed=False,
+            poison=False,
+            abandoned=True,
+            outcome_kept=kept,
+        )
+
     async def handle(self, delivery: Delivery) -> Handled:
+        """What should become of `delivery`; abandoned when it was lost meanwhile."""
+        return self.abandon_if_lost(delivery, await self._handle(delivery))
+
+    async def _handle(self, delivery: Delivery) -> Handled:
         started = self._clock()
         wall = self._now().timestamp()
         progress = _Progress.of(delivery, wall)
@@ -357,9 +401,17 @@ class InviteHandler:
                 raise RedeliveredTooOften(delivery.delivery_count + 1)
             self._in_progress.add(command.command_id)
             try:
-                result = await self._invite(command, progress)
+                result = await self._invite(command, progress, delivery.ownership)
             finally:
                 self._in_progress.discard(command.command_id)
+        except DeliveryLost:
+            return Handled(
+                command,
+                attempts=progress.attempts,
+                first_received=progress.first_received,
+                error_type=progress.error_type,
+                abandoned=True,
+            )
         except InviteError as error:
             progress.note(error)
             event = outcomes.from_error(
@@ -421,9 +473,12 @@ class InviteHandler:
         )
 
     async def _invite(  # noqa: PLR0911 - each return is a different reason to wait
-        self, command: Command, progress: _Progress
+        self, command: Command, progress: _Progress, owner: Ownership
     ) -> GraphAccepted | _RetryLater:
-        """Attempts until Graph accepts, a final error is raised, or a long wait is due."""
+        """Attempts until Graph accepts, a final error is raised, or a long wait is due.
+
+        Raises `DeliveryLost` when the delivery is lost before a request is written.
+        """
         limiter = self._limits.for_tenant(command.tenant_id)
         request = build_request(command)
         refreshed_token = False
@@ -433,6 +488,7 @@ class InviteHandler:
         if early > 0 and (early > self.policy.in_process_limit or not await self._pause(early)):
             return _RetryLater(early)
         while True:
+            owner.check()
             self._check_deadline(command)
             self._check_budget(progress)
             if not self.circuit.allows_traffic:
@@ -445,7 +501,7 @@ class InviteHandler:
                 if blocked > self.policy.in_process_limit or not await self._pause(blocked):
                     return _RetryLater(blocked)
             try:
-                return await self._attempt(command, request, progress)
+                return await self._attempt(command, request, progress, owner)
             except _TenantPaused as paused:
                 return self._later(command, progress, paused.seconds)
             except GraphRefused as error:
@@ -465,21 +521,24 @@ class InviteHandler:
                 return _RetryLater(delay)
 
     async def _attempt(
-        self, command: Command, request: InviteRequest, progress: _Progress
+        self, command: Command, request: InviteRequest, progress: _Progress, owner: Ownership
     ) -> GraphAccepted:
         token = await self._tokens.token(command.tenant_id)
+        owner.check()
         limiter = self._limits.for_tenant(command.tenant_id)
-        async with self.slots.slot(command.tenant_id):
+        async with self.slots.slot(command.tenant_id, owner):
             # The grant is taken last, right before sending, and stamped when the request
             # is written, so that the arrivals Graph sees keep the per-second promise.
             waited = self._clock()
-            grant = await limiter.acquire_unless_paused(self.policy.in_process_limit)
+            grant = await limiter.acquire_unless_paused(self.policy.in_process_limit, owner)
             self.metrics.rate_limit_wait.observe(self._clock() - waited)
             if grant is None:
                 raise _TenantPaused(limiter.blocked_for())
             self.in_flight_requests += 1
             sent = self._clock()
             try:
+                # The last moment the request can still be held back.
+                owner.check()
                 self._check_deadline(command)
                 self._check_budget(progress)
                 progress.attempts += 1

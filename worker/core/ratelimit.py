@@ -21,6 +21,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
+from worker.core.ownership import Ownership
+
 
 class Grant:
     """Permission to send one request; stamp it with `mark_sent` when the request is out."""
@@ -100,12 +102,22 @@ class SlidingWindowLimiter:
         assert grant is not None  # noqa: S101 - with no bound, acquiring only waits
         return grant
 
-    async def acquire_unless_paused(self, max_blocked: float) -> Grant | None:
-        """Wait for a grant; None when a 429 blocks the tenant longer than `max_blocked`."""
+    async def acquire_unless_paused(
+        self, max_blocked: float, owner: Ownership | None = None
+    ) -> Grant | None:
+        """Wait for a grant; None when a 429 blocks the tenant longer than `max_blocked`.
+
+        Raises `DeliveryLost` instead of taking a grant once `owner` is lost: the grant
+        stays free for the next waiter.
+        """
         # The lock makes waiters take grants in arrival order, and keeps a waiter from
         # being overtaken by a newcomer that found a free slot first.
         async with self._lock:
-            while (wait := self.delay()) > 0:
+            while True:
+                if owner is not None:
+                    owner.check()
+                if (wait := self.delay()) <= 0:
+                    break
                 if self.blocked_for() > max_blocked:
                     # A long pause after a 429: the caller hands the command to the broker
                     # instead of holding its in-flight slot through the pause.

@@ -4,6 +4,7 @@ At most `total` requests are in flight. A tenant may hold more than `share` of t
 while no other tenant under its share is waiting for one, so a tenant whose requests queue
 behind its own rate limit cannot take the slots the others need, a lone tenant still gets
 them all, and tenants that are all at their share never leave slots idle between them.
+A waiter whose delivery is lost (`worker.core.ownership`) leaves without taking a slot.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
+from worker.core.ownership import DeliveryLost, Ownership
 
 
 class FairSlots:
@@ -44,17 +47,26 @@ class FairSlots:
         )
 
     @asynccontextmanager
-    async def slot(self, tenant_id: str) -> AsyncIterator[None]:
+    async def slot(self, tenant_id: str, owner: Ownership | None = None) -> AsyncIterator[None]:
+        """Hold a slot; raises `DeliveryLost` instead once `owner` is lost while waiting."""
+
+        def lost() -> bool:
+            return owner is not None and owner.lost
+
         async with self._changed:
             self._waiting[tenant_id] += 1
             try:
-                await self._changed.wait_for(lambda: self._may_take(tenant_id))
+                await self._changed.wait_for(lambda: lost() or self._may_take(tenant_id))
             finally:
                 self._waiting[tenant_id] -= 1
                 if not self._waiting[tenant_id]:
                     del self._waiting[tenant_id]
                     # Others may have waited only because this tenant did.
                     self._changed.notify_all()
+            if lost():
+                # One waiter fewer may let a tenant over its share take a slot.
+                self._changed.notify_all()
+                raise DeliveryLost
             self._held[tenant_id] += 1
             self._in_use += 1
         try:

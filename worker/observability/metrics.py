@@ -174,6 +174,13 @@ class Metrics:
             ("stage",),
             registry=registry,
         )
+        self.commands_abandoned = Counter(
+            "invite_commands_abandoned_total",
+            "Commands whose delivery was lost with its channel, abandoned unpublished; "
+            "'kept' when Graph had answered and the outcome waits for the redelivery.",
+            ("outcome",),
+            registry=registry,
+        )
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Export a value read from live state when scraped (in-flight requests, readiness)."""
