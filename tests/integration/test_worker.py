@@ -310,6 +310,10 @@ async def test_an_outcome_the_broker_does_not_confirm_leaves_the_command_on_the_
     assert [i.client_request_id for i in simulator.invites] == [command_id]
 
 
+#: Seconds the simulator's arrival stamps may lag behind the write (see the test below).
+SCHEDULING_SLACK = 0.05
+
+
 async def test_no_one_second_window_holds_more_invites_than_the_tenant_rate_limit(
     broker: Broker, simulator: SimulatorThread, rabbitmq: str
 ) -> None:
@@ -325,4 +329,8 @@ async def test_no_one_second_window_holds_more_invites_than_the_tenant_rate_limi
     # Any one-second window holding limit+1 requests would have two of them, `limit`
     # apart in arrival order, less than a second apart.
     gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[limit:], strict=False)]
-    assert min(gaps) >= 1.0
+    # The simulator stamps an arrival when its event loop gets to the request, in a thread
+    # that shares this process's GIL with the worker under test: a stamp can lag the moment the
+    # request was written by the loop's scheduling delay, which shortens some gaps a little.
+    # Without the limiter the gaps are a few milliseconds.
+    assert min(gaps) >= 1.0 - SCHEDULING_SLACK
