@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 
 from worker import __version__
+from worker.amqp.bodies import bounded_connection_class, dropped_above
 from worker.amqp.consumer import CommandConsumer, PublisherFactory
 from worker.amqp.topology import TopologyError
 from worker.core.handler import HandlerConfig, InviteHandler
@@ -150,6 +151,9 @@ class Worker:
                 return await aio_pika.connect_robust(
                     self.settings.amqp_url.get_secret_value(),
                     client_properties={"connection_name": connection_name()},
+                    connection_class=bounded_connection_class(
+                        dropped_above(self.settings.max_command_bytes)
+                    ),
                 )
             except (ConnectionError, AMQPError, OSError) as exc:
                 if attempts is not None and attempt >= attempts:

@@ -28,6 +28,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPError
 from aiormq.abc import AbstractChannel as UnderlayChannel
 
+from worker.amqp.bodies import body_size
 from worker.amqp.publishing import (
     ATTEMPTS_HEADER,
     CRASHES_HEADER,
@@ -89,6 +90,7 @@ def to_delivery(message: AbstractIncomingMessage, ownership: Ownership | None = 
         message.body,
         message.content_type,
         message.message_id,
+        body_size=body_size(message.body),
         delivery_count=_int_header(headers, "x-delivery-count", 1_000_000),
         prior_attempts=_int_header(headers, ATTEMPTS_HEADER, 1_000),
         prior_throttled=_int_header(headers, THROTTLED_HEADER, 1_000),

@@ -14,6 +14,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError
 
+from worker.amqp.bodies import DroppedBody, dropped_above
 from worker.amqp.topology import delay_bucket
 from worker.core.handler import Handled
 from worker.core.outcomes import OutcomeEvent
@@ -91,10 +92,6 @@ def fitted_correlation_id(
     if command_id is None:
         return fallback, None
     return fallback, "message_id" if fallback is not None else "none"
-
-
-#: Bodies larger than this are dead-lettered by the broker rather than copied (see dead_letter).
-_NO_COPY_FROM = 4 * 1024 * 1024
 
 
 class Publisher:
@@ -198,11 +195,13 @@ class Publisher:
     async def dead_letter(self, message: AbstractIncomingMessage, handled: Handled | None) -> None:
         """Keep the command in the dead-letter queue with headers that say why.
 
-        A body over MAX_COMMAND_BYTES and over 4 MiB is not copied: it goes through the
-        broker's own dead-lettering (`x-death` says `rejected`; its outcome event says why), so
-        that a burst of huge bodies does not hold a second copy of each in the worker.
+        A body over MAX_COMMAND_BYTES and over 4 MiB was dropped as it arrived
+        (`worker.amqp.bodies`): it goes through the broker's own dead-lettering (`x-death`
+        says `rejected`; its outcome event says why), the broker holding it whole.
         """
-        if len(message.body) > max(self._settings.max_command_bytes, _NO_COPY_FROM):
+        if isinstance(message.body, DroppedBody) or len(message.body) > dropped_above(
+            self._settings.max_command_bytes
+        ):
             await message.nack(requeue=False)
             self._metrics.dead_lettered.inc("too_large")
             return

@@ -206,13 +206,16 @@ def parse_command(
     content_type: str | None,
     default_tenant_id: str,
     max_bytes: int,
+    body_size: int | None = None,
 ) -> Command:
     """Turn an untrusted message body into a `Command`, or raise `InvalidCommand`.
 
     The AMQP message_id is not compared with the commandId: many client libraries set a
-    message_id of their own, and the body is the contract.
+    message_id of their own, and the body is the contract. `body_size` is the size as
+    published when `body` is not all of it (a body dropped unread for its size).
     """
-    raw = _decode(body, content_type=content_type, max_bytes=max_bytes)
+    size = len(body) if body_size is None else body_size
+    raw = _decode(body, content_type=content_type, max_bytes=max_bytes, size=size)
     try:
         model = InviteCommand.model_validate(raw)
     except ValidationError as exc:
@@ -227,14 +230,14 @@ def parse_command(
     )
 
 
-def _decode(body: bytes, *, content_type: str | None, max_bytes: int) -> dict[str, Any]:
+def _decode(body: bytes, *, content_type: str | None, max_bytes: int, size: int) -> dict[str, Any]:
     if content_type:
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type not in _JSON_CONTENT_TYPES:
             raise InvalidCommand([Problem("(message)", "content type must be application/json")])
-    if len(body) > max_bytes:
+    if size > max_bytes:
         raise InvalidCommand(
-            [Problem("(message)", f"body is {len(body)} bytes; the limit is {max_bytes}")]
+            [Problem("(message)", f"body is {size} bytes; the limit is {max_bytes}")]
         )
     try:
         text = body.decode("utf-8")

@@ -88,6 +88,9 @@ class Delivery:
     body: bytes
     content_type: str | None
     message_id: str | None
+    #: The body's size as published, when `body` is not all of it: a body far over the
+    #: limit is dropped as it arrives, and `body` is then empty.
+    body_size: int | None = None
     #: Earlier deliveries of this message (the broker's count; 0 the first time).
     delivery_count: int = 0
     #: Graph attempts made for this command by earlier deliveries (delayed retries).
@@ -328,6 +331,7 @@ class InviteHandler:
                 content_type=delivery.content_type,
                 default_tenant_id=self._config.default_tenant_id,
                 max_bytes=self._config.max_command_bytes,
+                body_size=delivery.body_size,
             )
         except Exception:  # the command crashed the worker once already
             return None
@@ -374,6 +378,7 @@ class InviteHandler:
                 content_type=delivery.content_type,
                 default_tenant_id=self._config.default_tenant_id,
                 max_bytes=self._config.max_command_bytes,
+                body_size=delivery.body_size,
             )
             if command.tenant_id not in self._served:
                 # Checked before any token request: an upstream cannot make the app act in a
