@@ -6,7 +6,7 @@ RUN := uv run --frozen
 install:  ## the virtual environment, from the lock file
 	uv sync --frozen
 
-test:  ## the whole test suite (needs RabbitMQ on 127.0.0.1:5672; `.ci/rabbitmq` starts it)
+test:  ## the whole test suite (needs RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379; `.ci/rabbitmq` and `.ci/redis` start them)
 	$(RUN) pytest
 
 lint:
