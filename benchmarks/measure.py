@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -67,6 +68,13 @@ class RunSpec:
     set up)."""
     rss_at: tuple[int, ...] = ()
     """Sample the program's RSS when this many outcomes have arrived."""
+    environment: Mapping[str, str] = field(default_factory=dict)
+    """Further variables for the program, set over the benchmark's own."""
+
+    def expected_outcomes(self) -> dict[str, int]:
+        """Outcome events by routing key that a sound run ends with: every command valid, for
+        a tenant served, answered 2xx by the simulator."""
+        return {"invite.accepted": self.commands}
 
 
 @dataclass
@@ -104,6 +112,17 @@ class RunResult:
     """The whole machine's CPU use, in cores, first to last outcome: what the programs above
     leave of it went to other processes."""
     rss_by_outcomes: dict[int, int] = field(default_factory=dict)
+    expected_outcomes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def unexpected(self) -> str | None:
+        """What is wrong with the outcomes, or None when they are exactly the expected ones."""
+        problems = []
+        if self.outcomes != self.expected_outcomes:
+            problems.append(f"outcomes {self.outcomes}, expected {self.expected_outcomes}")
+        if self.duplicate_outcomes:
+            problems.append(f"{self.duplicate_outcomes} duplicate outcomes")
+        return "; ".join(problems) or None
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
@@ -139,6 +158,9 @@ class Bench:
             "GRAPH_BASE_URL": self.simulator.graph_base_url,
             "AZURE_AUTHORITY_HOST": self.simulator.authority_host,
             "AZURE_TENANT_ID": broker.TENANTS[0],
+            # Every tenant the run's commands name: a command the worker rejects skips the
+            # token, the limiter and Graph, and would flatter its figures.
+            "ALLOWED_TENANT_IDS": ",".join(broker.TENANTS[: spec.tenants]),
             "AZURE_CLIENT_ID": CLIENT_ID,
             "AZURE_CLIENT_SECRET": "bench-client-secret",
             "SSL_CERT_FILE": self.simulator.ca_file,
@@ -151,7 +173,7 @@ class Bench:
             "HEALTH_PORT": "0",
         }
         env.pop("AZURE_CLIENT_CERTIFICATE_PATH", None)
-        return env
+        return {**env, **spec.environment}
 
     def child(self, name: str, program: Program, env: dict[str, str]) -> Child:
         return Child(_ARGV[program], env, self.logs / f"{name}.log", "worker.ready")
@@ -222,6 +244,7 @@ class Bench:
             harness_cpu_cores=(last.harness_cpu_seconds - first.harness_cpu_seconds) / elapsed,
             machine_busy_cores=(last.machine_busy_seconds - first.machine_busy_seconds) / elapsed,
             rss_by_outcomes={n: collector.samples[n].rss_bytes for n in sorted(spec.rss_at)},
+            expected_outcomes=spec.expected_outcomes(),
         )
 
     async def start_times(self, starts: int, spec: RunSpec) -> list[float]:

@@ -21,6 +21,10 @@ local RabbitMQ and one Graph simulator process:
 either is selected. ``--scenario NAME`` (repeatable) picks scenarios; ``--commands N`` sets
 every scenario's command count, for a quick run. Absolute figures depend on the machine and
 on whatever else it runs: the ratios measured in one run are what count.
+
+Every command of every run must end with the outcome its scenario expects (``invite.accepted``,
+once; the worker serves every tenant its commands name): a run in which any other outcome or
+a duplicate arrives stops the benchmark, which exits 1 and writes no results.
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class UnexpectedOutcomes(RuntimeError):
+    """A run's outcomes are not the ones its scenario expects: its figures mean nothing."""
+
+
 class Session:
     """One benchmark run: its options, its `Bench`, and the scenarios measured so far."""
 
@@ -109,6 +117,8 @@ class Session:
             if await self.bench.simulator.ensure_running():
                 self.say("the simulator was gone (ended by someone?); started it again")
             return await _SCENARIO_FUNCTIONS[name](self)
+        except UnexpectedOutcomes:
+            raise
         except Exception as exc:  # one failed scenario must not hide the others
             error = f"{type(exc).__name__}: {exc}"
             self.say(f"{name} failed: {error}")
@@ -136,8 +146,10 @@ class Session:
             f"{name}: {result.cmds_per_second:,.0f} cmds/s, "
             f"{result.cpu_seconds_per_1000:.2f} CPU s/1000, outcomes {result.outcomes}"
         )
-        if result.outcomes != {"invite.accepted": spec.commands} or result.duplicate_outcomes:
-            self.say(f"warning: unexpected outcomes; see {self.bench.logs / name}.log")
+        if result.unexpected is not None:
+            raise UnexpectedOutcomes(
+                f"{name}: {result.unexpected}; see {self.bench.logs / name}.log"
+            )
         return result
 
 
@@ -256,9 +268,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-async def _measure(
+async def measure(
     selected: Sequence[str], commands: int | None, starts: int, logs: Path
 ) -> dict[str, ScenarioResult]:
+    """Run the ``selected`` scenarios in order; raises `UnexpectedOutcomes` at the first run
+    whose outcomes are not the expected ones."""
     connection = await aio_pika.connect_robust(AMQP_URL)
     with tempfile.TemporaryDirectory(prefix="bench-simulator-") as directory:
         async with connection, SimulatorProcess(Path(directory), logs) as sim:
@@ -305,7 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = args.output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started_at, started = datetime.now(UTC), time.monotonic()
-    results = asyncio.run(_measure(selected, args.commands, args.starts, logs))
+    try:
+        results = asyncio.run(measure(selected, args.commands, args.starts, logs))
+    except UnexpectedOutcomes as exc:
+        _progress(f"FAIL: {exc}\nNo results written: figures of such a run mean nothing.")
+        return 1
     minutes = (time.monotonic() - started) / 60
     found = targets(results)
     markdown = (
