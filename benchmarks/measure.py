@@ -54,7 +54,7 @@ IDLE_TIMEOUT = 60.0
 #: Seconds to wait for the broker connection to come back after a broker restart.
 RECONNECT_TIMEOUT = 120.0
 #: The worker's counter of Redis round trips, read from its /metrics in a Redis-mode run.
-REDIS_ROUND_TRIPS_METRIC = "invite_worker_redis_round_trips_total"
+REDIS_ROUND_TRIPS_METRIC = "invite_redis_round_trips_total"
 _ARGV: dict[Program, list[str]] = {
     "worker": [sys.executable, "-m", "worker", "run"],
     "floor": [sys.executable, "-m", "benchmarks.floor"],
