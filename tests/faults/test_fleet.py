@@ -165,9 +165,7 @@ async def test_three_workers_share_one_tenant_budget_and_use_all_of_it(
     arrivals = sorted(i.arrived_monotonic for i in books.invites)
     gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[limit:], strict=False)]
     rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
-    print(
-        f"\n{len(arrivals)} invites at {rate:.1f}/s; shortest span of {limit + 1}: {min(gaps):.3f} s"
-    )
+    print(f"\n{len(arrivals)} invites at {rate:.1f}/s; shortest {limit + 1}: {min(gaps):.3f} s")
     # No one-second window holds limit+1 arrivals (as in the single-process limiter test).
     assert min(gaps) >= 1.0 - SCHEDULING_SLACK
     assert rate >= 0.9 * limit
