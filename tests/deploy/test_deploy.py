@@ -6,7 +6,8 @@
 - The build context that .dockerignore lets through holds the app and nothing else.
 - Every manifest under k8s/ loads; the base and every overlay render (a small implementation of
   the kustomize fields they use); the built-in kinds validate strictly against the schemas of a
-  pinned Kubernetes version (kubernetes-validate) and KEDA's kinds against k8s/schemas/.
+  pinned Kubernetes version (kubernetes-validate), KEDA's and the Prometheus Operator's kinds
+  against k8s/schemas/.
 - The values that several files must agree on (UID, ports, queue name, grace periods, Graph's
   rate limit against the replica ceiling) do.
 
@@ -54,9 +55,14 @@ KUBERNETES_VERSION = "1.30.0"
 #: Graph's throttling limit for invites: 50,000 requests per 15 s per app per tenant.
 GRAPH_REQUESTS_PER_SECOND_PER_TENANT = 50_000 / 15
 #: The kinds k8s/schemas/ describes; every other kind is a built-in one.
-KEDA_SCHEMAS = {
-    ("keda.sh/v1alpha1", kind): K8S / "schemas" / f"keda.sh-v1alpha1-{kind.lower()}.json"
-    for kind in ("ScaledObject", "TriggerAuthentication")
+CRD_SCHEMAS = {
+    (f"{group}/{version}", kind): K8S / "schemas" / f"{group}-{version}-{kind.lower()}.json"
+    for group, version, kind in (
+        ("keda.sh", "v1alpha1", "ScaledObject"),
+        ("keda.sh", "v1alpha1", "TriggerAuthentication"),
+        ("monitoring.coreos.com", "v1", "PodMonitor"),
+        ("monitoring.coreos.com", "v1", "PrometheusRule"),
+    )
 }
 #: Settings that are credentials: only ever in the Secret, never in the ConfigMap.
 CREDENTIALS = {"AMQP_URL", "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "REDIS_URL"}
@@ -709,6 +715,8 @@ def test_the_base_and_the_overlays_render(rendered: dict[tuple[str, str], Manife
         "NetworkPolicy",
         "TriggerAuthentication",
         "ScaledObject",
+        "PodMonitor",
+        "PrometheusRule",
     }
     namespaces = {r["metadata"].get("namespace") for r in rendered.values()}
     assert len(namespaces) == 1, namespaces
@@ -717,14 +725,14 @@ def test_the_base_and_the_overlays_render(rendered: dict[tuple[str, str], Manife
 
 def _validate(resource: Manifest) -> None:
     key = (resource["apiVersion"], resource["kind"])
-    if key in KEDA_SCHEMAS:
-        schema = json.loads(KEDA_SCHEMAS[key].read_text())
+    if key in CRD_SCHEMAS:
+        schema = json.loads(CRD_SCHEMAS[key].read_text())
         jsonschema.Draft202012Validator(schema).validate(resource)
     else:
         kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
 
 
-def test_every_resource_is_valid_for_the_pinned_kubernetes_and_keda(
+def test_every_resource_is_valid_for_the_pinned_kubernetes_keda_and_prometheus_operator(
     rendered: dict[tuple[str, str], Manifest],
 ) -> None:
     for resource in [*rendered.values(), *load_documents(SECRET_TEMPLATE)]:
@@ -735,8 +743,8 @@ def test_every_resource_is_valid_for_the_pinned_kubernetes_and_keda(
             pytest.fail(f"{resource_id(resource)} at {path}: {error.message}")
 
 
-def test_the_keda_schemas_are_schemas_and_refuse_what_keda_would() -> None:
-    for path in KEDA_SCHEMAS.values():
+def test_the_crd_schemas_are_schemas_and_the_keda_ones_refuse_what_keda_would() -> None:
+    for path in CRD_SCHEMAS.values():
         jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
     scaled = next(r for r in load_documents(BASE / "scaledobject.yaml"))
     broken = json.loads(json.dumps(scaled))
@@ -745,6 +753,29 @@ def test_the_keda_schemas_are_schemas_and_refuse_what_keda_would() -> None:
         _validate(broken)
     broken = json.loads(json.dumps(scaled))
     broken["spec"]["maxReplicas"] = 3  # the HPA's spelling, not KEDA's
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(broken)
+
+
+def test_the_prometheus_operator_schemas_refuse_what_the_api_server_would() -> None:
+    monitor = load_documents(BASE / "podmonitor.yaml")[0]
+    rule = load_documents(BASE / "prometheusrule.yaml")[0]
+    _validate(monitor)
+    _validate(rule)
+    broken = json.loads(json.dumps(monitor))
+    broken["spec"]["endpoints"] = broken["spec"].pop("podMetricsEndpoints")  # ServiceMonitor's
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(broken)
+    broken = json.loads(json.dumps(monitor))
+    broken["spec"]["podMetricsEndpoints"][0]["interval"] = "30 seconds"  # not a duration
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(broken)
+    broken = json.loads(json.dumps(rule))
+    broken["spec"]["groups"][0]["rules"][0]["expression"] = "up"  # the field is `expr`
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(broken)
+    broken = json.loads(json.dumps(rule))
+    broken["spec"]["groups"][0]["rules"][0]["for"] = 300  # a duration string, not seconds
     with pytest.raises(jsonschema.ValidationError):
         _validate(broken)
 
@@ -819,6 +850,11 @@ def test_ports_probes_and_grace_period_match_the_worker(
     service = _one(rendered, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == port["name"]
     assert service["spec"]["publishNotReadyAddresses"] is True
+    # The PodMonitor scrapes what the health server serves, on the port the policy opens.
+    (endpoint,) = _one(rendered, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == (port["name"], "/metrics")
+    (ingress,) = _one(rendered, "NetworkPolicy")["spec"]["ingress"]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": port["name"]}]
 
 
 def test_every_selector_selects_the_pods(rendered: dict[tuple[str, str], Manifest]) -> None:
@@ -829,6 +865,7 @@ def test_every_selector_selects_the_pods(rendered: dict[tuple[str, str], Manifes
         _one(rendered, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
         _one(rendered, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
         _one(rendered, "Service")["spec"]["selector"],
+        _one(rendered, "PodMonitor")["spec"]["selector"]["matchLabels"],
         *[
             c["labelSelector"]["matchLabels"]
             for c in _pod_spec(rendered)["topologySpreadConstraints"]
