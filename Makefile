@@ -24,15 +24,17 @@ schemas:  ## regenerate schemas/ from the models
 	$(RUN) invite-worker schemas --directory schemas
 
 # The image and k8s/ without a Docker engine or a cluster: hadolint, yamllint, then
-# tests/deploy/test_deploy.py (the image's install step replayed and run as its user; every manifest
-# rendered and validated against Kubernetes 1.30 and KEDA's schemas), then checkov.
+# tests/deploy/ (the image's install step replayed and run as its user; every manifest rendered and
+# validated against Kubernetes 1.30, KEDA's and the Prometheus Operator's schemas; the alerts
+# through `promtool check rules` and `promtool test rules`, which `.ci/promtool` installs), then
+# checkov.
 # checkov pins packaging<24, which the dev group's pytest cannot use, so it has a locked group of
 # its own (pyproject.toml) installed into a throwaway environment, never beside the tests.
 CHECKOV := uv run --frozen --isolated --only-group checkov checkov --quiet --compact --skip-download
-deploy-check:  ## Dockerfile and k8s/ checks (no Docker engine or cluster needed)
+deploy-check:  ## Dockerfile and k8s/ checks, alert rule tests (needs promtool: `.ci/promtool`)
 	$(RUN) hadolint --config .hadolint.yaml Dockerfile
-	$(RUN) yamllint --strict --config-file .yamllint .yamllint .hadolint.yaml k8s/
-	$(RUN) pytest -q tests/deploy/test_deploy.py
+	$(RUN) yamllint --strict --config-file .yamllint .yamllint .hadolint.yaml k8s/ tests/deploy/
+	$(RUN) pytest -q tests/deploy/
 	$(CHECKOV) --framework dockerfile --file Dockerfile
 	$(CHECKOV) --framework kubernetes --directory k8s
 

@@ -504,7 +504,9 @@ def _container(rendered: Mapping[tuple[str, str], Manifest]) -> Manifest:
 
 
 def _config(rendered: Mapping[tuple[str, str], Manifest]) -> dict[str, str]:
-    data: dict[str, str] = _one(rendered, "ConfigMap")["data"]
+    """The data of the ConfigMap the worker takes its environment from."""
+    (source,) = _container(rendered)["envFrom"]
+    data: dict[str, str] = rendered["ConfigMap", source["configMapRef"]["name"]]["data"]
     return data
 
 
