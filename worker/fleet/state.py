@@ -213,7 +213,7 @@ class RedisSharedState:
         with contextlib.suppress(RedisError, OSError):
             await self._flush()
             await self._redis.delete(self._owner_key)
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
     async def _keep_lease(self) -> None:
         while True:
