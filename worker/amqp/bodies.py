@@ -88,7 +88,7 @@ def bounded_connection_class(max_body_bytes: int) -> type[RobustConnection]:
 
     class BoundedChannel(RobustChannel):
         async def _on_open(self) -> None:
-            bound_bodies(self.channel, max_body_bytes)
+            bound_bodies(await self.get_underlay_channel(), max_body_bytes)
             await super()._on_open()
 
     class BoundedConnection(RobustConnection):
