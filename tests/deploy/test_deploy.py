@@ -661,8 +661,9 @@ def test_the_dockerfile_pins_its_images_and_uses_one_python(pyproject: dict[str,
     (python,) = pythons
     assert re.fullmatch(r"python:3\.11[.\w-]*-slim[\w-]*(@sha256:[0-9a-f]{64})?", python), python
     assert pyproject["project"]["requires-python"] == ">=3.11"
-    # The uv of the image is the uv of CI (.ci/run installs it, and the replay uses it).
-    ci = (ROOT / ".ci" / "run").read_text()
+    # The uv of the image is the uv of CI (.ci/ensure installs it for .ci/run and the Makefile,
+    # and the replay uses it).
+    ci = (ROOT / ".ci" / "ensure").read_text()
     assert f"UV_VERSION={pinned_uv_version()}\n" in ci
 
 
