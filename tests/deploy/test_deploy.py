@@ -905,7 +905,7 @@ def test_the_topology_schemas_are_schemas_and_refuse_what_the_operator_would() -
     [policy] = load_documents(TOPOLOGY_OVERLAY / "policies.yaml")
     [binding, *_] = load_documents(TOPOLOGY_OVERLAY / "bindings.yaml")
     broken: list[Manifest] = []
-    for document, path, value in [
+    for document, (section, key), value in [
         (queue, ("spec", "rabbitmqClusterReference"), None),  # required by the CRD
         (queue, ("spec", "deletionPolicy"), "keep"),  # delete or retain
         (queue, ("spec", "arguments"), ["x-queue-type", "quorum"]),  # an object
@@ -916,9 +916,9 @@ def test_the_topology_schemas_are_schemas_and_refuse_what_the_operator_would() -
     ]:
         copy = json.loads(json.dumps(document))
         if value is None:
-            del copy[path[0]][path[1]]
+            del copy[section][key]
         else:
-            copy[path[0]][path[1]] = value
+            copy[section][key] = value
         broken.append(copy)
     for document in broken:
         with pytest.raises(jsonschema.ValidationError):
