@@ -48,7 +48,12 @@ def _simulator(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from worker.devtools import demo  # noqa: PLC0415
 
-    return demo.main(amqp_url=args.amqp_url, examples=args.examples, worker_log=args.worker_log)
+    return demo.main(
+        amqp_url=args.amqp_url,
+        examples=args.examples,
+        worker_log=args.worker_log,
+        verbose=args.verbose,
+    )
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
@@ -170,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     demo.add_argument("--examples", type=Path, default=Path("schemas/examples"))
     demo.add_argument("--worker-log", type=Path, help="keep the worker's log lines in this file")
+    demo.add_argument(
+        "--verbose", action="store_true", help="print each outcome event and the worker's log lines"
+    )
     demo.set_defaults(handler=_demo)
 
     dead = commands.add_parser(
