@@ -211,9 +211,12 @@ def test_make_test_and_make_demo_make_sure_of_uv_and_the_services_first() -> Non
     """The Makefile's recipes call the script before the first `uv`, with pip's script dirs."""
     recipes = {}
     for target in ("test", "demo"):
+        # A make of its own (not a sub-make of `make test`, which prints its directory).
+        env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS"}}
         dry = subprocess.run(  # noqa: S603 - make from the PATH, as a developer runs it
-            ["make", "-n", target],  # noqa: S607
+            ["make", "--no-print-directory", "-n", target],  # noqa: S607
             cwd=ROOT,
+            env=env,
             capture_output=True,
             text=True,
             check=True,

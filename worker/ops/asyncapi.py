@@ -142,8 +142,8 @@ def _channels(settings: Settings) -> dict[str, Any]:
             "address": settings.outcome_exchange,
             "title": "Outcome exchange",
             "description": (
-                "Topic exchange of outcome events, exactly one per command (at least once: "
-                "de-duplicate on the CloudEvents `id`). The routing key is the outcome. Bind a "
+                "Topic exchange of outcome events, one per command, delivered at least once "
+                "(de-duplicate on the CloudEvents `id`). The routing key is the outcome. Bind a "
                 "queue of your own with `invite.#` or one routing key; an event no binding "
                 f"matches goes to the alternate exchange `{settings.unrouted_outcome_queue}`."
             ),
@@ -181,13 +181,16 @@ def _operations() -> dict[str, Any]:
             "channel": _ref("channels", "outcomes"),
             "title": kind.value,
             "summary": _OUTCOME_SUMMARIES[kind],
-            "description": f"Published with routing key `{kind.value}`, persistent, confirmed.",
+            "description": (
+                f"Published with routing key `{kind.value}`, persistent, mandatory, confirmed "
+                "(the alternate exchange takes what no binding matches)."
+            ),
             "messages": [_ref("channels", "outcomes", "messages", _name(kind))],
             "bindings": {
                 "amqp": {
                     "cc": [kind.value],
                     "deliveryMode": 2,
-                    "mandatory": False,
+                    "mandatory": True,
                     "bindingVersion": _AMQP_BINDING,
                 }
             },
