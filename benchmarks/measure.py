@@ -5,6 +5,10 @@ A run is either pre-loaded (every command queued before the program starts: thro
 CPU, memory) or paced (commands published at a steady rate while the program runs: latency).
 Throughput and CPU are taken between the first and the last outcome, so that start-up is
 not counted; latency is publish to outcome arrival, less the simulator's added latency.
+
+A Redis-mode run also starts the worker with ``REDIS_URL`` and a key prefix of its own, reads
+the Redis server's command counters before the start and after the stop, the worker's
+``/metrics`` after the last outcome, and deletes the prefix's keys afterwards.
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ import asyncio
 import contextlib
 import math
 import os
+import socket
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import httpx
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import broker
 from benchmarks.processes import (
@@ -35,6 +43,7 @@ from benchmarks.processes import (
     cpu_seconds_if_running,
     memory_bytes,
 )
+from benchmarks.redis_server import RedisServer, RedisUse
 from worker.settings import Settings
 
 Program = Literal["worker", "floor"]
@@ -44,6 +53,8 @@ CLIENT_ID = "3f5d2c1b-0a9e-4d8c-b7a6-1e2f3a4b5c6d"
 IDLE_TIMEOUT = 60.0
 #: Seconds to wait for the broker connection to come back after a broker restart.
 RECONNECT_TIMEOUT = 120.0
+#: The worker's counter of Redis round trips, read from its /metrics in a Redis-mode run.
+REDIS_ROUND_TRIPS_METRIC = "invite_redis_round_trips_total"
 _ARGV: dict[Program, list[str]] = {
     "worker": [sys.executable, "-m", "worker", "run"],
     "floor": [sys.executable, "-m", "benchmarks.floor"],
@@ -67,6 +78,15 @@ class RunSpec:
     set up)."""
     rss_at: tuple[int, ...] = ()
     """Sample the program's RSS when this many outcomes have arrived."""
+    redis_url: str | None = None
+    """Start the worker in Redis mode against this server (``redis://host:port/db``)."""
+    environment: Mapping[str, str] = field(default_factory=dict)
+    """Further variables for the program, set over the benchmark's own."""
+
+    def expected_outcomes(self) -> dict[str, int]:
+        """Outcome events by routing key that a sound run ends with: every command valid, for
+        a tenant served, answered 2xx by the simulator."""
+        return {"invite.accepted": self.commands}
 
 
 @dataclass
@@ -104,6 +124,22 @@ class RunResult:
     """The whole machine's CPU use, in cores, first to last outcome: what the programs above
     leave of it went to other processes."""
     rss_by_outcomes: dict[int, int] = field(default_factory=dict)
+    expected_outcomes: dict[str, int] = field(default_factory=dict)
+    redis: RedisUse | None = None
+    """A Redis-mode run's use of the Redis server (start-up and shutdown included)."""
+    redis_round_trips: float | None = None
+    """The worker's own count of Redis round trips after the last outcome; None when its
+    /metrics has no such metric."""
+
+    @property
+    def unexpected(self) -> str | None:
+        """What is wrong with the outcomes, or None when they are exactly the expected ones."""
+        problems = []
+        if self.outcomes != self.expected_outcomes:
+            problems.append(f"outcomes {self.outcomes}, expected {self.expected_outcomes}")
+        if self.duplicate_outcomes:
+            problems.append(f"{self.duplicate_outcomes} duplicate outcomes")
+        return "; ".join(problems) or None
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
@@ -139,6 +175,9 @@ class Bench:
             "GRAPH_BASE_URL": self.simulator.graph_base_url,
             "AZURE_AUTHORITY_HOST": self.simulator.authority_host,
             "AZURE_TENANT_ID": broker.TENANTS[0],
+            # Every tenant the run's commands name: a command the worker rejects skips the
+            # token, the limiter and Graph, and would flatter its figures.
+            "ALLOWED_TENANT_IDS": ",".join(broker.TENANTS[: spec.tenants]),
             "AZURE_CLIENT_ID": CLIENT_ID,
             "AZURE_CLIENT_SECRET": "bench-client-secret",
             "SSL_CERT_FILE": self.simulator.ca_file,
@@ -151,7 +190,14 @@ class Bench:
             "HEALTH_PORT": "0",
         }
         env.pop("AZURE_CLIENT_CERTIFICATE_PATH", None)
-        return env
+        # Redis mode only where the run asks for it, whatever the shell running this has set.
+        env.pop("REDIS_URL", None)
+        env.pop("REDIS_KEY_PREFIX", None)
+        if spec.redis_url is not None:
+            env["REDIS_URL"] = spec.redis_url
+            env["REDIS_KEY_PREFIX"] = f"{prefix}:"
+            env["HEALTH_PORT"] = str(_free_port())
+        return {**env, **spec.environment}
 
     def child(self, name: str, program: Program, env: dict[str, str]) -> Child:
         return Child(_ARGV[program], env, self.logs / f"{name}.log", "worker.ready")
@@ -162,6 +208,21 @@ class Bench:
             raise ValueError("a run needs at least 2 commands")
         env = self.environment(f"bench-{uuid.uuid4().hex[:8]}", spec)
         settings = Settings.model_validate(env)
+        redis = None if spec.redis_url is None else RedisServer(spec.redis_url)
+        try:
+            return await self._run(name, spec, env, settings, redis)
+        finally:
+            if redis is not None:
+                redis.delete_prefix(env["REDIS_KEY_PREFIX"])
+
+    async def _run(
+        self,
+        name: str,
+        spec: RunSpec,
+        env: dict[str, str],
+        settings: Settings,
+        redis: RedisServer | None,
+    ) -> RunResult:
         await self.simulator.prepare(spec.simulator_latency)
         collector = broker.OutcomeCollector(spec.commands, {1, spec.commands, *spec.rss_at})
         commands = broker.make_commands(spec.commands, spec.tenants)
@@ -173,6 +234,8 @@ class Bench:
             if spec.paced_rate is None:
                 await broker.preload(channel, settings.command_queue, commands, published)
             child = self.child(name, spec.program, env)
+            redis_before = None if redis is None else redis.stats()
+            round_trips = None
             try:
                 await child.spawn()
                 pid = child.pid
@@ -184,8 +247,16 @@ class Bench:
                     )
                 await collector.wait(IDLE_TIMEOUT, lambda: self._check_alive(child))
                 peak_rss = memory_bytes(pid, "VmHWM")
+                if redis is not None:
+                    round_trips = await _metric_total(env["HEALTH_PORT"], REDIS_ROUND_TRIPS_METRIC)
             finally:
                 exit_code = await child.stop()
+            redis_use = None
+            if redis is not None and redis_before is not None:
+                prefix = env["REDIS_KEY_PREFIX"]
+                after = redis.stats()
+                deleted = len(redis.keys(prefix))
+                redis_use = RedisUse.between(redis.url, prefix, redis_before, after, deleted)
         finally:
             # After a lost connection the exclusive queue and the channel are gone already.
             with contextlib.suppress(AMQPError, ConnectionError, RuntimeError):
@@ -222,6 +293,9 @@ class Bench:
             harness_cpu_cores=(last.harness_cpu_seconds - first.harness_cpu_seconds) / elapsed,
             machine_busy_cores=(last.machine_busy_seconds - first.machine_busy_seconds) / elapsed,
             rss_by_outcomes={n: collector.samples[n].rss_bytes for n in sorted(spec.rss_at)},
+            expected_outcomes=spec.expected_outcomes(),
+            redis=redis_use,
+            redis_round_trips=round_trips,
         )
 
     async def start_times(self, starts: int, spec: RunSpec) -> list[float]:
@@ -273,3 +347,25 @@ class Bench:
             harness_cpu_seconds=time.process_time(),
             machine_busy_seconds=busy_cpu_seconds(),
         )
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on now, for the worker's health server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def _metric_total(port: str, name: str) -> float | None:
+    """The sum of a counter's samples on the program's ``/metrics``; None when it has none."""
+    async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
+        response = await client.get(f"http://127.0.0.1:{port}/metrics")
+        response.raise_for_status()
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+    return sum(values) if values else None

@@ -37,6 +37,18 @@ class Realistic:
 
 
 @dataclass(frozen=True)
+class RedisMode:
+    floor: RunResult
+    """Without Redis, right before the worker's run."""
+    worker: RunResult
+    """In Redis mode."""
+    ratio: float
+    """The worker's throughput over that floor's."""
+    ratio_to_saturation_worker: float | None
+    """Over the worker's mean saturation throughput without Redis, earlier in the same run."""
+
+
+@dataclass(frozen=True)
 class RateBound:
     worker: RunResult
     limit: int
@@ -73,7 +85,7 @@ class Failed:
     error: str
 
 
-ScenarioResult = Saturation | Realistic | RateBound | Backlog | Startup | Failed
+ScenarioResult = Saturation | RedisMode | Realistic | RateBound | Backlog | Startup | Failed
 
 
 @dataclass(frozen=True)
@@ -172,7 +184,23 @@ def _cpu_note(run: RunResult) -> str:
     )
 
 
-def _rows(name: str, result: ScenarioResult) -> list[str]:
+def redis_note(run: RunResult) -> str:
+    """Per command: the Redis server's commands (and the busiest ones), the worker's own count
+    of round trips, the server's CPU."""
+    if run.redis is None:
+        return "no Redis"
+    use, per = run.redis, 1 / run.commands
+    busiest = ", ".join(f"{name} {count * per:.2f}" for name, count in list(use.calls.items())[:4])
+    trips = "n/a" if run.redis_round_trips is None else f"{run.redis_round_trips * per:.2f}"
+    return (
+        f"Redis commands/command {use.commands * per:.2f} (server-wide INFO difference"
+        f"{': ' + busiest if busiest else ''}); round trips/command {trips}; "
+        f"Redis CPU s/1000 {_number(use.cpu_seconds * per * 1000, 2)}; "
+        f"keys under {use.key_prefix} after the stop: {use.keys_left:,}, deleted"
+    )
+
+
+def _rows(name: str, result: ScenarioResult) -> list[str]:  # noqa: PLR0911 - one per kind
     match result:
         case Saturation(runs=runs, floor_rate=floor_rate):
             return [
@@ -183,6 +211,14 @@ def _rows(name: str, result: ScenarioResult) -> list[str]:
                     _cpu_note(run),
                 )
                 for n, run in enumerate(runs, 1)
+            ]
+        case RedisMode(floor=floor, worker=worker, ratio=ratio):
+            label = f"redis: latency 0, {worker.tenants} tenants"
+            versus = result.ratio_to_saturation_worker
+            without = "" if versus is None else f"; {versus:.2f} x the worker without Redis"
+            return [
+                _run_row(label, floor, 1.0, f"no Redis; {_cpu_note(floor)}"),
+                _run_row(label + ", Redis mode", worker, ratio, redis_note(worker) + without),
             ]
         case Realistic(floor=floor, worker=worker, added_p99_over_floor_ms=extra):
             latency = worker.simulator_latency_ms

@@ -8,6 +8,12 @@ local RabbitMQ and one Graph simulator process:
   flight, no binding rate limit; the floor (`benchmarks.floor`) and the worker, twice each
   (floor, worker, worker, floor), the worker's mean throughput stated as a ratio to the
   floor's;
+* ``redis``: the saturation load once more, the floor (which has no Redis) then the worker
+  in Redis mode (``REDIS_URL``, ``REDIS_KEY_PREFIX=bench-<hex>:``): its throughput as a
+  ratio to that floor's, its CPU per command, the Redis server's commands per command (the
+  difference of ``INFO`` before and after, server-wide) and the worker's own count of Redis
+  round trips per command from its ``/metrics`` (n/a when it has none). The prefix's keys
+  are deleted afterwards;
 * ``realistic``: simulator latency 100 ms, eight tenants, commands published at half the
   worker's saturation throughput while it runs (floor, then worker): the latency the worker
   adds. About 22 s of commands (1,000 to 10,000), the first 2 s not counted (warm-up);
@@ -21,6 +27,10 @@ local RabbitMQ and one Graph simulator process:
 either is selected. ``--scenario NAME`` (repeatable) picks scenarios; ``--commands N`` sets
 every scenario's command count, for a quick run. Absolute figures depend on the machine and
 on whatever else it runs: the ratios measured in one run are what count.
+
+Every command of every run must end with the outcome its scenario expects (``invite.accepted``,
+once; the worker serves every tenant its commands name): a run in which any other outcome or
+a duplicate arrives stops the benchmark, which exits 1 and writes no results.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from benchmarks.report import (
     Failed,
     RateBound,
     Realistic,
+    RedisMode,
     Saturation,
     ScenarioResult,
     Startup,
@@ -60,7 +71,7 @@ from benchmarks.report import (
     targets,
 )
 
-SCENARIOS = ("startup", "saturation", "realistic", "rate-bound", "backlog")
+SCENARIOS = ("startup", "saturation", "redis", "realistic", "rate-bound", "backlog")
 #: No binding limit (3,000/s per tenant is the setting's maximum) and generous concurrency.
 SATURATION = RunSpec(
     "worker", 10_000, tenants=4, simulator_latency=0.0, in_flight=64, rate_limit=3000
@@ -78,6 +89,8 @@ BACKLOG_COMMANDS = 100_000
 BACKLOG_SECONDS = 300.0
 #: The backlog's first RSS sample; growth is measured from here to the end.
 BACKLOG_SETTLED = 10_000
+#: The Redis-mode worker's server; keys go under a prefix of the run's own.
+REDIS_URL = "redis://127.0.0.1:6379/11"
 
 Scenario = Callable[["Session"], Coroutine[Any, Any, ScenarioResult]]
 
@@ -86,13 +99,20 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class UnexpectedOutcomes(RuntimeError):
+    """A run's outcomes are not the ones its scenario expects: its figures mean nothing."""
+
+
 class Session:
     """One benchmark run: its options, its `Bench`, and the scenarios measured so far."""
 
-    def __init__(self, bench: Bench, commands: int | None, starts: int) -> None:
+    def __init__(
+        self, bench: Bench, commands: int | None, starts: int, redis_url: str = REDIS_URL
+    ) -> None:
         self.bench = bench
         self.commands = commands
         self.starts = starts
+        self.redis_url = redis_url
         self.results: dict[str, ScenarioResult] = {}
         self.started = time.monotonic()
         self.reconnects = 0
@@ -109,6 +129,8 @@ class Session:
             if await self.bench.simulator.ensure_running():
                 self.say("the simulator was gone (ended by someone?); started it again")
             return await _SCENARIO_FUNCTIONS[name](self)
+        except UnexpectedOutcomes:
+            raise
         except Exception as exc:  # one failed scenario must not hide the others
             error = f"{type(exc).__name__}: {exc}"
             self.say(f"{name} failed: {error}")
@@ -136,8 +158,10 @@ class Session:
             f"{name}: {result.cmds_per_second:,.0f} cmds/s, "
             f"{result.cpu_seconds_per_1000:.2f} CPU s/1000, outcomes {result.outcomes}"
         )
-        if result.outcomes != {"invite.accepted": spec.commands} or result.duplicate_outcomes:
-            self.say(f"warning: unexpected outcomes; see {self.bench.logs / name}.log")
+        if result.unexpected is not None:
+            raise UnexpectedOutcomes(
+                f"{name}: {result.unexpected}; see {self.bench.logs / name}.log"
+            )
         return result
 
 
@@ -154,6 +178,22 @@ async def saturation(session: Session) -> ScenarioResult:
         program_spec = dataclasses.replace(spec, program=program)
         runs.append(await session.run(f"saturation-{n}-{program}", program_spec))
     return Saturation.of(runs)
+
+
+async def redis(session: Session) -> ScenarioResult:
+    spec = dataclasses.replace(
+        SATURATION, commands=session.commands or SATURATION.commands, redis_url=session.redis_url
+    )
+    floor_spec = dataclasses.replace(spec, program="floor", redis_url=None)
+    floor = await session.run("redis-floor", floor_spec)
+    worker = await session.run("redis-worker", spec)
+    without = session.results.get("saturation")
+    return RedisMode(
+        floor,
+        worker,
+        worker.cmds_per_second / floor.cmds_per_second,
+        worker.cmds_per_second / without.worker_rate if isinstance(without, Saturation) else None,
+    )
 
 
 async def realistic(session: Session) -> ScenarioResult:
@@ -237,6 +277,7 @@ async def backlog(session: Session) -> ScenarioResult:
 _SCENARIO_FUNCTIONS: dict[str, Scenario] = {
     "startup": startup,
     "saturation": saturation,
+    "redis": redis,
     "realistic": realistic,
     "rate-bound": rate_bound,
     "backlog": backlog,
@@ -256,13 +297,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-async def _measure(
-    selected: Sequence[str], commands: int | None, starts: int, logs: Path
+async def measure(
+    selected: Sequence[str],
+    commands: int | None,
+    starts: int,
+    logs: Path,
+    redis_url: str = REDIS_URL,
 ) -> dict[str, ScenarioResult]:
+    """Run the ``selected`` scenarios in order; raises `UnexpectedOutcomes` at the first run
+    whose outcomes are not the expected ones."""
     connection = await aio_pika.connect_robust(AMQP_URL)
     with tempfile.TemporaryDirectory(prefix="bench-simulator-") as directory:
         async with connection, SimulatorProcess(Path(directory), logs) as sim:
-            session = Session(Bench(connection, sim, logs), commands, starts)
+            session = Session(Bench(connection, sim, logs), commands, starts, redis_url)
             for name in selected:
                 session.results[name] = await session.measure(name)
             return session.results
@@ -280,6 +327,11 @@ def _parser() -> argparse.ArgumentParser:
         "--commands", type=int, help="commands per run in every scenario, for a quick run"
     )
     parser.add_argument("--starts", type=int, default=5, help="start-ups measured (default: 5)")
+    parser.add_argument(
+        "--redis-url",
+        default=REDIS_URL,
+        help="the Redis server of the redis scenario (default: %(default)s)",
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -305,7 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = args.output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started_at, started = datetime.now(UTC), time.monotonic()
-    results = asyncio.run(_measure(selected, args.commands, args.starts, logs))
+    try:
+        results = asyncio.run(measure(selected, args.commands, args.starts, logs, args.redis_url))
+    except UnexpectedOutcomes as exc:
+        _progress(f"FAIL: {exc}\nNo results written: figures of such a run mean nothing.")
+        return 1
     minutes = (time.monotonic() - started) / 60
     found = targets(results)
     markdown = (

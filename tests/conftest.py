@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from tests.support.harness import AMQP_URL, TENANT_A, TENANT_B, Broker, isolated_settings
 from worker.devtools.simulator import SimulatorThread
@@ -33,6 +34,34 @@ def rabbitmq() -> str:
     if not _broker_reachable():
         pytest.fail("RabbitMQ is not reachable at 127.0.0.1:5672 (run `.ci/rabbitmq ensure`)")
     return AMQP_URL
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """The local Redis; its absence fails the test (CI must start it), never skips it."""
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
+            pass
+    except OSError:
+        pytest.fail("Redis is not reachable at 127.0.0.1:6379 (run `.ci/redis`)")
+    return REDIS_URL
+
+
+@pytest_asyncio.fixture
+async def redis_prefix(redis_server: str) -> AsyncIterator[str]:
+    """A key prefix of the test's own; every key under it is deleted afterwards."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = aioredis.Redis.from_url(redis_server)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")

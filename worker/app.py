@@ -21,6 +21,7 @@ import time
 
 import aio_pika
 import httpx
+import redis.asyncio as aioredis
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
@@ -29,9 +30,11 @@ from worker import __version__
 from worker.amqp.bodies import bounded_connection_class, dropped_above
 from worker.amqp.consumer import CommandConsumer, PublisherFactory
 from worker.amqp.topology import TopologyError
+from worker.core.errors import SharedStateUnavailable
 from worker.core.handler import HandlerConfig, InviteHandler
 from worker.core.ports import TokenProvider
 from worker.core.retry import RetryPolicy
+from worker.fleet import RedisSharedState
 from worker.graph.client import GraphClient
 from worker.graph.tokens import MsalTokenProvider
 from worker.observability.health import HealthServer
@@ -71,6 +74,30 @@ def handler_config(settings: Settings) -> HandlerConfig:
     return HandlerConfig(**values, retry_policy=policy)
 
 
+def shared_state(settings: Settings, metrics: Metrics) -> RedisSharedState | None:
+    """The fleet's shared state when REDIS_URL is set; None keeps each process on its own."""
+    if settings.redis_url is None:
+        return None
+    client = aioredis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        health_check_interval=30,
+        client_name="invite-worker",
+    )
+    return RedisSharedState(
+        client,
+        prefix=settings.redis_key_prefix,
+        tenant_rate_limit=settings.graph_tenant_rate_limit,
+        tenant_rate_limits=settings.tenant_rate_limits,
+        idempotency_ttl=settings.idempotency_ttl,
+        lease=settings.redis_lease,
+        # A probe after a 429 holds the others back no longer than its request can last.
+        probe_timeout=settings.graph_connect_timeout + settings.graph_read_timeout,
+        metrics=metrics,
+    )
+
+
 def connection_name() -> str:
     """The broker connection's name: the version, and which process on which host (pod)."""
     return f"invite-worker {__version__} ({socket.gethostname()} pid {os.getpid()})"
@@ -91,8 +118,13 @@ class Worker:
         self.metrics = Metrics()
         self.tokens = tokens or MsalTokenProvider(settings, metrics=self.metrics)
         self.graph = GraphClient(settings, transport=transport)
+        self.shared = shared_state(settings, self.metrics)
         self.handler = InviteHandler(
-            handler_config(settings), tokens=self.tokens, sender=self.graph, metrics=self.metrics
+            handler_config(settings),
+            tokens=self.tokens,
+            sender=self.graph,
+            metrics=self.metrics,
+            shared=self.shared,
         )
         self.consumer = (
             CommandConsumer(settings, self.handler, metrics=self.metrics)
@@ -119,6 +151,13 @@ class Worker:
             "1 while the worker is connected, consuming and not draining.",
             lambda: 1 if self.consumer.ready else 0,
         )
+        if self.shared is not None:
+            shared = self.shared
+            self.metrics.gauge(
+                "invite_redis_available",
+                "1 while the fleet's shared state (Redis) answers.",
+                lambda: 1 if shared.available else 0,
+            )
         self._connection: AbstractRobustConnection | None = None
 
     async def start(self, *, connect_attempts: int | None = 1) -> None:
@@ -126,6 +165,8 @@ class Worker:
         started = time.monotonic()
         if self.health is not None:
             await self.health.start()
+        if self.shared is not None:
+            await self._start_shared_state(connect_attempts)
         self._connection = await self._connect(connect_attempts)
         await self.consumer.start(self._connection)
         log.info(
@@ -138,9 +179,27 @@ class Worker:
             max_in_flight=self.settings.graph_max_in_flight,
             prefetch=self.settings.prefetch_count,
             tenant_rate_limit=self.settings.graph_tenant_rate_limit,
+            shared_state=self.settings.redacted_redis_url(),
             health_port=self.health.port if self.health else None,
             startup_ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+    async def _start_shared_state(self, attempts: int | None) -> None:
+        """Take this process's lease in Redis, retrying like the broker connection."""
+        assert self.shared is not None  # noqa: S101 - only called with a shared state
+        delay, cap = _CONNECT_RETRY
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.shared.start()
+                return
+            except SharedStateUnavailable:
+                if attempts is not None and attempt >= attempts:
+                    raise
+                log.warning("redis.unreachable", retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cap)
 
     async def _connect(self, attempts: int | None) -> AbstractRobustConnection:
         delay, cap = _CONNECT_RETRY
@@ -175,6 +234,8 @@ class Worker:
             await self._connection.close()
         await self.graph.aclose()
         self.tokens.close()
+        if self.shared is not None:
+            await self.shared.close()
         if self.health is not None:
             await self.health.stop()
         log.info("worker.stopped", unsettled_handed_back=left)

@@ -127,6 +127,23 @@ class Settings(BaseSettings):
     circuit_open_seconds: float = Field(5.0, gt=0, validation_alias="CIRCUIT_OPEN_SECONDS")
     circuit_max_open_seconds: float = Field(60.0, gt=0, validation_alias="CIRCUIT_MAX_OPEN_SECONDS")
 
+    # --- The fleet's shared state (optional) ----------------------------------------------
+    #: Redis for state shared by every worker process: one Graph call per commandId across
+    #: the fleet, fleet-wide tenant budgets and 429 pauses. Unset: each process on its own.
+    #: `rediss://` for TLS; the password goes in the URL (it is kept out of log lines).
+    redis_url: SecretStr | None = Field(None, validation_alias="REDIS_URL")
+    #: Prefix of every key the worker writes, so that fleets (or tests) can share a Redis.
+    redis_key_prefix: str = Field(
+        "invite-worker:", min_length=1, validation_alias="REDIS_KEY_PREFIX"
+    )
+    #: Seconds an idempotency record is kept after its command was last handled.
+    idempotency_ttl: float = Field(86_400.0, ge=60, validation_alias="IDEMPOTENCY_TTL")
+    #: Seconds a process's lease on the commands it holds outlives its last renewal (renewed
+    #: every third of it): how long after a process died its commands wait for it.
+    redis_lease: float = Field(15.0, ge=1, le=300, validation_alias="REDIS_LEASE")
+    #: Seconds of each Redis call before Redis counts as away.
+    redis_timeout: float = Field(2.0, gt=0, le=30, validation_alias="REDIS_TIMEOUT")
+
     # --- Process --------------------------------------------------------------------------
     #: Port of /healthz, /readyz and /metrics (0: no health server).
     health_port: int = Field(8080, ge=0, le=65535, validation_alias="HEALTH_PORT")
@@ -231,6 +248,17 @@ class Settings(BaseSettings):
     def token_ca_file(self) -> Path | None:
         """The CA bundle for Entra ID, as `requests` would choose it."""
         return self.requests_ca_bundle or self.ssl_cert_file
+
+    def redacted_redis_url(self) -> str | None:
+        """The Redis URL without its password, for log lines."""
+        if self.redis_url is None:
+            return None
+        parts = urlsplit(self.redis_url.get_secret_value())
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = "***@" if parts.password else ""
+        return urlunsplit((parts.scheme, user + host, parts.path, "", ""))
 
     def redacted_amqp_url(self) -> str:
         """The broker URL without its password, for log lines."""

@@ -165,13 +165,12 @@ def test_an_installed_redis_that_does_not_answer_is_started_on_loopback(
     sandbox: Sandbox, free_port: int
 ) -> None:
     sandbox.fake_redis_server(listens=True)
-    result = sandbox.run("redis", REDIS_PORT=str(free_port), TMPDIR=str(sandbox.bin.parent))
+    result = sandbox.run("redis", REDIS_PORT=str(free_port))
     assert result.returncode == 0, result.stderr
     assert "starting redis-server --daemonize yes" in result.stdout
     assert f"redis: ready on 127.0.0.1:{free_port}" in result.stdout
     assert sandbox.recorded() == [
-        f"redis-server --daemonize yes --bind 127.0.0.1 --port {free_port} "
-        f"--dir {sandbox.bin.parent}"
+        f"redis-server --daemonize yes --bind 127.0.0.1 --port {free_port} --save  --appendonly no"
     ]
 
 

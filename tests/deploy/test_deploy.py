@@ -72,7 +72,7 @@ TOPOLOGY_SCHEMAS = {
 CRD_SCHEMAS = {**KEDA_SCHEMAS, **TOPOLOGY_SCHEMAS}
 TOPOLOGY_OVERLAY = K8S / "overlays" / "topology-operator"
 #: Settings that are credentials: only ever in the Secret, never in the ConfigMap.
-CREDENTIALS = {"AMQP_URL", "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD"}
+CREDENTIALS = {"AMQP_URL", "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "REDIS_URL"}
 
 Manifest = dict[str, Any]
 
@@ -856,13 +856,21 @@ def test_every_selector_selects_the_pods(rendered: dict[tuple[str, str], Manifes
     )
 
 
-def test_egress_is_dns_the_broker_and_https_only(
+def test_egress_is_dns_the_broker_redis_and_https_only(
     rendered: dict[tuple[str, str], Manifest],
 ) -> None:
     policy = _one(rendered, "NetworkPolicy")["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     ports = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
-    assert ports == {("UDP", 53), ("TCP", 53), ("TCP", 5671), ("TCP", 5672), ("TCP", 443)}
+    assert ports == {
+        ("UDP", 53),
+        ("TCP", 53),
+        ("TCP", 5671),
+        ("TCP", 5672),
+        ("TCP", 6379),
+        ("TCP", 6380),
+        ("TCP", 443),
+    }
     for rule in policy["egress"]:
         for peer in rule["to"]:
             if "ipBlock" in peer:  # the internet: HTTPS only, never the metadata service
@@ -886,9 +894,18 @@ def test_keda_scales_the_deployment_on_the_command_queue_within_graph_limits(
     (reference,) = authentication["spec"]["secretTargetRef"]
     assert reference["parameter"] == "host"
     assert (reference["name"], reference["key"]) == (secret["metadata"]["name"], "AMQP_URL")
-    # Every pod may send GRAPH_TENANT_RATE_LIMIT requests per second to the same tenant.
+    # With REDIS_URL the pods share GRAPH_TENANT_RATE_LIMIT; without it every pod may send that
+    # much to the same tenant.
     rate = int(_setting(rendered, "GRAPH_TENANT_RATE_LIMIT"))
-    assert scaled["maxReplicaCount"] * rate <= GRAPH_REQUESTS_PER_SECOND_PER_TENANT
+    worker = _one(rendered, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    shared = any(
+        variable["name"] == "REDIS_URL"
+        and variable["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+        and variable["valueFrom"]["secretKeyRef"]["key"] in secret["stringData"]
+        for variable in worker["env"]
+    )
+    pods_sending = 1 if shared else scaled["maxReplicaCount"]
+    assert pods_sending * rate <= GRAPH_REQUESTS_PER_SECOND_PER_TENANT
     # The budget lets one pod go while the other keeps consuming.
     budget = _one(rendered, "PodDisruptionBudget")["spec"]
     assert scaled["minReplicaCount"] - budget["maxUnavailable"] >= 1

@@ -353,6 +353,8 @@ class BooksRow:
     duplicates_new_id: int
     graph_calls: int
     max_calls_per_command: int
+    invited_twice: int
+    ambiguous: int
     dead_letters: int
     exit_codes: list[int | None]
     seconds: float
@@ -391,6 +393,21 @@ class Books:
 
     def calls_by_command(self) -> Counter[str]:
         return Counter(i.client_request_id or "" for i in self.invites)
+
+    def invited_twice(self) -> list[str]:
+        """Commands Graph carried out more than once: a person rung twice."""
+        acted = Counter(i.client_request_id or "" for i in self.invites if i.acted)
+        return sorted(key for key, count in acted.items() if count > 1)
+
+    @property
+    def ambiguous_failures(self) -> int:
+        """`invite.failed` events for which Graph may have acted (no answer, 500/502/504)."""
+        return sum(
+            1
+            for o in self.outcomes
+            if o.routing_key == "invite.failed"
+            and (o.event.get("data") or {}).get("reason") in {"graph_no_answer", "graph_ambiguous"}
+        )
 
     @property
     def missing(self) -> list[str]:
@@ -493,6 +510,8 @@ class Books:
             duplicates_new_id=self.duplicates_new_id,
             graph_calls=len(self.invites),
             max_calls_per_command=max(calls.values(), default=0),
+            invited_twice=len(self.invited_twice()),
+            ambiguous=self.ambiguous_failures,
             dead_letters=len(self.dead_letters),
             exit_codes=self.exit_codes,
             seconds=round(self.seconds, 1),
@@ -548,6 +567,8 @@ def render_table(rows: Iterable[BooksRow], failed: Collection[str] = ()) -> list
         "dup same-id",
         "dup new-id",
         "graph calls total/max",
+        "invited twice",
+        "ambiguous",
         "dead letters",
         "exit codes",
         "seconds",
@@ -562,6 +583,8 @@ def render_table(rows: Iterable[BooksRow], failed: Collection[str] = ()) -> list
             str(row.duplicates_same_id),
             str(row.duplicates_new_id),
             f"{row.graph_calls}/{row.max_calls_per_command}",
+            str(row.invited_twice),
+            str(row.ambiguous),
             str(row.dead_letters),
             ",".join("-" if c is None else str(c) for c in row.exit_codes) or "-",
             f"{row.seconds:.1f}",

@@ -114,7 +114,7 @@ async def test_a_redelivered_command_already_settled_is_acknowledged_without_gra
     message = delivery()
     first = await shared.handle(message)
     assert first.command is not None
-    shared.remember_outcome(first.command, event(first), confirmed=True)
+    await shared.remember_outcome(first.command, event(first), confirmed=True)
     again = await shared.handle(message)
     assert again.duplicate
     assert again.event is None
@@ -127,7 +127,7 @@ async def test_a_redelivered_command_whose_outcome_was_not_confirmed_republishes
     message = delivery()
     first = await shared.handle(message)
     assert first.command is not None
-    shared.remember_outcome(first.command, event(first), confirmed=False)
+    await shared.remember_outcome(first.command, event(first), confirmed=False)
     again = await shared.handle(message)
     assert again.replayed
     assert again.event == first.event
@@ -142,7 +142,7 @@ async def test_a_different_command_under_a_settled_command_id_is_rejected_withou
         Delivery(json.dumps(command(command_id=command_id)).encode(), "application/json", None)
     )
     assert first.command is not None
-    shared.remember_outcome(first.command, event(first), confirmed=True)
+    await shared.remember_outcome(first.command, event(first), confirmed=True)
     other = command(command_id=command_id, call_id="another-call")
     reused = await shared.handle(Delivery(json.dumps(other).encode(), "application/json", None))
     assert event(reused).kind is OutcomeKind.REJECTED
@@ -152,7 +152,7 @@ async def test_a_different_command_under_a_settled_command_id_is_rejected_withou
     ]
     assert len(graph.sent) == 1
     # The first command keeps the id: its own redelivery is still a duplicate.
-    shared.remember_outcome(reused.command or first.command, event(reused), confirmed=True)
+    await shared.remember_outcome(reused.command or first.command, event(reused), confirmed=True)
     again = await shared.handle(
         Delivery(json.dumps(command(command_id=command_id)).encode(), "application/json", None)
     )
@@ -166,7 +166,7 @@ async def test_a_redelivery_with_a_new_deadline_is_still_the_same_command() -> N
     body = command(command_id=command_id)
     first = await shared.handle(Delivery(json.dumps(body).encode(), "application/json", None))
     assert first.command is not None
-    shared.remember_outcome(first.command, event(first), confirmed=True)
+    await shared.remember_outcome(first.command, event(first), confirmed=True)
     later = {**body, "deadline": "2099-01-01T00:00:00Z"}
     again = await shared.handle(Delivery(json.dumps(later).encode(), "application/json", None))
     assert again.duplicate

@@ -146,7 +146,7 @@ async def test_a_delivery_lost_after_the_handler_returned_is_abandoned_and_kept(
     assert result.event is not None
     assert not result.abandoned
     message.ownership.lose()  # before the consumer published it
-    late = shared.abandon_if_lost(message, result)
+    late = await shared.abandon_if_lost(message, result)
     assert late.abandoned
     assert late.outcome_kept
     assert late.event is None

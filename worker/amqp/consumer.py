@@ -166,6 +166,7 @@ class CommandConsumer:
         self.connected = False
         self.stopping = False
         handler.on_circuit_change(self._on_circuit_change)
+        handler.on_shared_state_change(self._on_shared_state_change)
 
     @property
     def ready(self) -> bool:
@@ -213,7 +214,12 @@ class CommandConsumer:
             await self._cancel_unlocked()
 
     async def _consume_unlocked(self) -> None:
-        if self._queue is not None and self._consumer_tag is None and not self.stopping:
+        if (
+            self._queue is not None
+            and self._consumer_tag is None
+            and not self.stopping
+            and self._handler.shared_state_available
+        ):
             self._consumer_tag = await self._queue.consume(self._on_message)
 
     async def _cancel_unlocked(self) -> None:
@@ -271,6 +277,14 @@ class CommandConsumer:
                     await self._consume_unlocked()
         except (AMQPError, ConnectionError, RuntimeError):
             log.warning("graph.circuit_follow_failed", state=state.value)
+
+    def _on_shared_state_change(self, available: bool) -> None:
+        # Without its shared state the worker takes no new commands; those in hand go back
+        # to the broker (the handler sends nothing without a record).
+        if not available:
+            self._spawn(self._cancel())
+        elif self._handler.takes_traffic:  # an open circuit resumes consuming itself
+            self._spawn(self._consume())
 
     def _spawn(self, coroutine: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -342,7 +356,7 @@ class CommandConsumer:
                     return  # the broker has handed it to another consumer already
                 handled = self._handler.after_crash(delivery)
             # Lost after the handler returned: still nothing is published for it.
-            handled = self._handler.abandon_if_lost(delivery, handled)
+            handled = await self._handler.abandon_if_lost(delivery, handled)
             if handled.abandoned:
                 self._log_abandoned(handled, message)
                 return
@@ -375,7 +389,7 @@ class CommandConsumer:
             if handled.command is not None:
                 # Remembered before the acknowledgement: if that is lost, the redelivery
                 # is recognised and not sent to Graph again.
-                self._handler.remember_outcome(handled.command, event, confirmed=confirmed)
+                await self._handler.remember_outcome(handled.command, event, confirmed=confirmed)
         settlement = settlement_for(
             event.kind if event is not None else None,
             confirmed=confirmed,
@@ -398,7 +412,9 @@ class CommandConsumer:
                 raise RuntimeError("the delivery could not be read")
             if handled is not None and handled.command is not None and handled.event is not None:
                 # Its outcome was not published: a redelivery publishes it, without Graph.
-                self._handler.remember_outcome(handled.command, handled.event, confirmed=False)
+                await self._handler.remember_outcome(
+                    handled.command, handled.event, confirmed=False
+                )
             fallback = self._handler.after_crash(delivery)
             return await self._carry_out(message, fallback, publisher), fallback
         except Exception:

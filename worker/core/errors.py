@@ -143,3 +143,11 @@ class RedeliveredTooOften(InviteError):
         self.deliveries = deliveries
         #: Counted by the worker's crash counter rather than the broker's deliveries.
         self.crashed = crashed
+
+
+class SharedStateUnavailable(Exception):
+    """The fleet's shared state (Redis) did not answer: no request is sent without a record.
+
+    Not an `InviteError`: it says nothing about the command, which goes back to the broker
+    to be tried again once the shared state answers.
+    """

@@ -11,6 +11,12 @@ broker has requeued it. Nothing that was not yet written to Graph is sent for it
 that finished for it publishes nothing (`Handled.abandoned`); an outcome Graph answered for
 is remembered, unconfirmed, so that its redelivery here publishes that event instead of
 calling Graph again.
+
+With a fleet-wide `SharedState` (Redis), the last step before a request is written claims
+the command and takes its tenant's grant in one call: a command another live process holds
+waits in a delay queue, one a dead process was sending ends as the ambiguous outcome, one
+settled anywhere gets the settled outcome, and a 429 pauses the tenant everywhere. Without
+the shared state the handler sends nothing (the command goes back to the broker).
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from worker.core.errors import (
     InviteError,
     Problem,
     RedeliveredTooOften,
+    SharedStateUnavailable,
     TokenUnavailable,
 )
 from worker.core.invite import GraphAccepted, InviteRequest, build_request
 from worker.core.outcomes import OutcomeEvent
 from worker.core.ownership import DeliveryLost, Ownership
-from worker.core.ports import InviteSender, TokenProvider
+from worker.core.ports import ClaimVerdict, InviteSender, SharedState, TokenProvider
 from worker.core.ratelimit import TenantRateLimits
 from worker.core.retry import AMBIGUOUS_STATUSES, RetryPolicy
 from worker.core.settled import SettledCommands
@@ -53,6 +60,8 @@ _IN_PROGRESS_RETRY = 1.0
 _OUTAGE_STATUSES = frozenset({500, 502, 503, 504})
 #: Seconds before a command whose handling crashed is delivered again.
 CRASH_RETRY = 1.0
+#: Seconds before a command comes back while the fleet's shared state does not answer.
+SHARED_STATE_RETRY = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +166,8 @@ class _Progress:
     error_type: str | None = None
     #: The failure the next attempt would retry; raised when no attempt may start any more.
     last_error: InviteError | None = None
+    #: The fleet's record says this process is sending the command.
+    claimed: bool = False
 
     @classmethod
     def of(cls, delivery: Delivery, now: float) -> _Progress:
@@ -205,6 +216,43 @@ class _RetryLater:
     delay: float
 
 
+class _AlreadySettled(Exception):
+    """The command was settled (here, or anywhere in the fleet): its event, unless confirmed."""
+
+    def __init__(self, event: OutcomeEvent | None) -> None:
+        super().__init__("settled")
+        self.event = event
+
+
+def _already_settled(
+    command: Command, fingerprint: bytes | None, event: OutcomeEvent | None
+) -> None:
+    """Raise `_AlreadySettled`, or `InvalidCommand` when the id was settled for another command.
+
+    Reusing an id for other content is an upstream bug made visible: the id is the
+    idempotency key of the command settled first.
+    """
+    if fingerprint != command.fingerprint():
+        raise InvalidCommand([Problem("commandId", "was already used for a different command")])
+    raise _AlreadySettled(event)
+
+
+class _HeldElsewhere(Exception):
+    """Another live process holds the command: it comes back later, and is never sent here."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"held by another process; back in {seconds:.1f} s")
+        self.seconds = seconds
+
+
+class _Orphaned(Exception):
+    """A process that died was sending the command: the ambiguous outcome, final."""
+
+    def __init__(self, error: GraphNoAnswer) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _TenantPaused(Exception):
     """A 429 paused the tenant while this command waited for its rate limit."""
 
@@ -230,6 +278,7 @@ class InviteHandler:
         limits: TenantRateLimits | None = None,
         circuit: CircuitBreaker | None = None,
         metrics: Metrics | None = None,
+        shared: SharedState | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -240,6 +289,7 @@ class InviteHandler:
             config.tenant_rate_limit, overrides=dict(config.tenant_rate_limits)
         )
         self._served = config.served_tenants
+        self._shared = shared
         self.circuit = circuit or CircuitBreaker(
             threshold=config.circuit_failure_threshold,
             open_for=config.circuit_open_seconds,
@@ -260,8 +310,18 @@ class InviteHandler:
 
     @property
     def takes_traffic(self) -> bool:
-        """False while the circuit is open: Graph looks down, commands should wait."""
-        return self.circuit.allows_traffic
+        """False while the circuit is open (Graph looks down) or the shared state is away."""
+        return self.circuit.allows_traffic and self.shared_state_available
+
+    @property
+    def shared_state_available(self) -> bool:
+        """True without a shared state, or while it answers."""
+        return self._shared is None or self._shared.available
+
+    def on_shared_state_change(self, callback: Callable[[bool], None]) -> None:
+        """Call `callback` with the shared state's availability whenever it changes."""
+        if self._shared is not None:
+            self._shared.on_availability_change(callback)
 
     def on_circuit_change(self, callback: Callable[[CircuitState], None]) -> None:
         """Call `callback` with the circuit's new state whenever it changes."""
@@ -279,9 +339,13 @@ class InviteHandler:
         """Shutdown began: waits between attempts end, and their retries go to the broker."""
         self._stopping.set()
 
-    def remember_outcome(self, command: Command, event: OutcomeEvent, *, confirmed: bool) -> None:
+    async def remember_outcome(
+        self, command: Command, event: OutcomeEvent, *, confirmed: bool
+    ) -> None:
         """The outcome was published (`confirmed`) or not: a redelivery gets it, not Graph."""
         self.settled.remember(command.command_id, command.fingerprint(), event, confirmed=confirmed)
+        if self._shared is not None:
+            await self._shared.settle(command, event, confirmed=confirmed)
 
     def after_crash(self, delivery: Delivery) -> Handled:
         """What becomes of a delivery whose handling or settling raised unexpectedly.
@@ -336,7 +400,7 @@ class InviteHandler:
         except Exception:  # the command crashed the worker once already
             return None
 
-    def abandon_if_lost(self, delivery: Delivery, handled: Handled) -> Handled:
+    async def abandon_if_lost(self, delivery: Delivery, handled: Handled) -> Handled:
         """`handled` as it stands, or abandoned when the delivery is no longer ours.
 
         An outcome of Graph's answer to this delivery is remembered, unconfirmed: the
@@ -351,7 +415,7 @@ class InviteHandler:
             and not handled.replayed
         )
         if kept and handled.command is not None and handled.event is not None:
-            self.remember_outcome(handled.command, handled.event, confirmed=False)
+            await self.remember_outcome(handled.command, handled.event, confirmed=False)
         return replace(
             handled,
             event=None,
@@ -365,7 +429,7 @@ class InviteHandler:
 
     async def handle(self, delivery: Delivery) -> Handled:
         """What should become of `delivery`; abandoned when it was lost meanwhile."""
-        return self.abandon_if_lost(delivery, await self._handle(delivery))
+        return await self.abandon_if_lost(delivery, await self._handle(delivery))
 
     async def _handle(self, delivery: Delivery) -> Handled:
         started = self._clock()
@@ -385,21 +449,8 @@ class InviteHandler:
                 # tenant nobody configured.
                 raise InvalidCommand([Problem("tenantId", "is not a tenant this worker serves")])
             settled = self.settled.get(command.command_id)
-            if settled is not None and settled.fingerprint != command.fingerprint():
-                # An upstream bug made visible: the id is the idempotency key of another
-                # command, which was settled already.
-                raise InvalidCommand(
-                    [Problem("commandId", "was already used for a different command")]
-                )
             if settled is not None:
-                return Handled(
-                    command,
-                    event=settled.event,
-                    attempts=progress.attempts,
-                    first_received=progress.first_received,
-                    duplicate=settled.confirmed,
-                    replayed=not settled.confirmed,
-                )
+                _already_settled(command, settled.fingerprint, settled.event)
             if command.command_id in self._in_progress:
                 return self._handled(command, progress, retry_in=_IN_PROGRESS_RETRY)
             if delivery.delivery_count > self._config.max_redeliveries:
@@ -407,8 +458,20 @@ class InviteHandler:
             self._in_progress.add(command.command_id)
             try:
                 result = await self._invite(command, progress, delivery.ownership)
+                if isinstance(result, _RetryLater):
+                    # Handed back to the broker: any process may take it up again.
+                    await self._release(command, progress, may_have_acted=False)
             finally:
                 self._in_progress.discard(command.command_id)
+        except _AlreadySettled as settled:
+            return Handled(
+                command,
+                event=settled.event,
+                attempts=progress.attempts,
+                first_received=progress.first_received,
+                duplicate=settled.event is None,
+                replayed=settled.event is not None,
+            )
         except DeliveryLost:
             return Handled(
                 command,
@@ -477,7 +540,7 @@ class InviteHandler:
             poison=poison,
         )
 
-    async def _invite(  # noqa: PLR0911 - each return is a different reason to wait
+    async def _invite(  # noqa: PLR0911, PLR0912 - each return is a different reason to wait
         self, command: Command, progress: _Progress, owner: Ownership
     ) -> GraphAccepted | _RetryLater:
         """Attempts until Graph accepts, a final error is raised, or a long wait is due.
@@ -509,6 +572,13 @@ class InviteHandler:
                 return await self._attempt(command, request, progress, owner)
             except _TenantPaused as paused:
                 return self._later(command, progress, paused.seconds)
+            except _HeldElsewhere as held:
+                # Not this process's to settle: no deadline or budget ends it here.
+                return _RetryLater(held.seconds)
+            except SharedStateUnavailable:
+                return _RetryLater(SHARED_STATE_RETRY)
+            except _Orphaned as orphaned:
+                raise orphaned.error from None
             except GraphRefused as error:
                 if error.status == 401 and not refreshed_token:
                     # An expired or revoked token: one fresh token, one more try.
@@ -535,29 +605,107 @@ class InviteHandler:
             # The grant is taken last, right before sending, and stamped when the request
             # is written, so that the arrivals Graph sees keep the per-second promise.
             waited = self._clock()
-            grant = await limiter.acquire_unless_paused(self.policy.in_process_limit, owner)
+            if self._shared is not None:
+                grant = None
+                await self._claim(self._shared, command, progress, owner)
+            else:
+                grant = await limiter.acquire_unless_paused(self.policy.in_process_limit, owner)
+                if grant is None:
+                    raise _TenantPaused(limiter.blocked_for())
             self.metrics.rate_limit_wait.observe(self._clock() - waited)
-            if grant is None:
-                raise _TenantPaused(limiter.blocked_for())
             self.in_flight_requests += 1
             sent = self._clock()
+            written = False
+
+            def on_sent() -> None:
+                nonlocal written
+                written = True
+                if grant is not None:
+                    grant.mark_sent()
+
             try:
                 # The last moment the request can still be held back.
                 owner.check()
                 self._check_deadline(command)
                 self._check_budget(progress)
                 progress.attempts += 1
-                answer = await self._sender.invite(request, token, grant.mark_sent)
+                answer = await self._sender.invite(request, token, on_sent)
             except GraphError as error:
                 self.metrics.graph_requests.inc(str(error.status or "none"), command.tenant_id)
+                if self._shared is not None:
+                    await self._after_shared_failure(
+                        self._shared, command, progress, error, written
+                    )
+                raise
+            except BaseException:
+                # Held back (lost delivery, deadline, budget) or a crash: free when nothing
+                # was written, otherwise orphaned (Graph may have acted).
+                await self._release(command, progress, may_have_acted=written)
                 raise
             finally:
-                grant.mark_sent()
+                if grant is not None:
+                    grant.mark_sent()
                 self.in_flight_requests -= 1
         self.metrics.graph_latency.observe(self._clock() - sent)
         self.metrics.graph_requests.inc(str(answer.status), command.tenant_id)
         self.circuit.record_success()
         return answer
+
+    async def _claim(
+        self, shared: SharedState, command: Command, progress: _Progress, owner: Ownership
+    ) -> None:
+        """Claim the command in the fleet's record with its tenant's grant, or raise why not."""
+        while True:
+            owner.check()
+            claim = await shared.begin_send(command, take_orphaned=self.policy.retry_ambiguous)
+            match claim.verdict:
+                case ClaimVerdict.GRANTED:
+                    progress.claimed = True
+                    return
+                case ClaimVerdict.WAIT:
+                    if claim.wait > self.policy.in_process_limit:
+                        raise _TenantPaused(claim.wait)
+                    if not await self._pause(claim.wait):
+                        raise _TenantPaused(claim.wait)
+                case ClaimVerdict.BUSY:
+                    raise _HeldElsewhere(max(claim.wait, _IN_PROGRESS_RETRY))
+                case ClaimVerdict.ORPHANED:
+                    raise _Orphaned(
+                        GraphNoAnswer(
+                            "a worker that died was sending this invite: Graph may have acted"
+                        )
+                    )
+                case ClaimVerdict.SETTLED:
+                    _already_settled(command, claim.fingerprint, claim.event)
+
+    async def _after_shared_failure(
+        self,
+        shared: SharedState,
+        command: Command,
+        progress: _Progress,
+        error: GraphError,
+        written: bool,
+    ) -> None:
+        """Graph's refusal, told to the fleet: a 429 pauses the tenant on every process."""
+        if isinstance(error, GraphRefused) and error.status == 429:
+            retry_after = error.retry_after
+            await shared.throttle(
+                command.tenant_id,
+                retry_after if retry_after is not None else self.policy.backoff(progress.attempts),
+            )
+        if (
+            not written
+            or self.policy.graph_did_not_act(error)
+            or (isinstance(error, GraphRefused) and error.status == 401)
+        ):
+            await self._release(command, progress, may_have_acted=False)
+
+    async def _release(
+        self, command: Command, progress: _Progress, *, may_have_acted: bool
+    ) -> None:
+        if self._shared is not None and progress.claimed:
+            progress.claimed = False
+            await self._shared.release(command, may_have_acted=may_have_acted)
 
     def _after_failure(
         self, error: GraphError | TokenUnavailable, command: Command, progress: _Progress

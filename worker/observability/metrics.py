@@ -182,6 +182,19 @@ class Metrics:
             registry=registry,
         )
 
+        self.redis_round_trips = Counter(
+            "invite_redis_round_trips_total",
+            "Round trips to the fleet's shared state (Redis), by operation.",
+            ("operation",),
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "invite_redis_errors_total",
+            "Shared-state operations that failed (Redis unreachable or failing), by operation.",
+            ("operation",),
+            registry=registry,
+        )
+
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Export a value read from live state when scraped (in-flight requests, readiness)."""
         prometheus_client.Gauge(name, help_text, registry=self.registry).set_function(read)

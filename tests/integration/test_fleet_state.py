@@ -1,0 +1,278 @@
+"""The fleet's shared state against a real Redis: records, fleet-wide budgets and pauses.
+
+Several `RedisSharedState` instances in one test stand for several worker processes: each
+has its own owner id and lease, and they meet only in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.support.harness import command
+from worker.core.commands import Command, parse_command
+from worker.core.errors import SharedStateUnavailable
+from worker.core.outcomes import OutcomeEvent, accepted
+from worker.core.ports import ClaimVerdict
+from worker.fleet import RedisSharedState
+
+pytestmark = pytest.mark.integration
+
+TENANT = "11111111-1111-1111-1111-111111111111"
+
+
+def make_command(key: str, call_id: str = "57dab8b1-894c-409a-b240-bd8beae78896") -> Command:
+    """A command whose id is a UUID named by `key`."""
+    command_id = str(uuid.uuid5(uuid.NAMESPACE_URL, key))
+    body = json.dumps(command(command_id=command_id, call_id=call_id)).encode()
+    return parse_command(
+        body, content_type="application/json", default_tenant_id=TENANT, max_bytes=65_536
+    )
+
+
+def outcome(cmd: Command) -> OutcomeEvent:
+    return accepted(
+        cmd,
+        operation_id="op",
+        operation_status="running",
+        location=None,
+        request_id="r",
+        client_request_id=cmd.command_id,
+        attempts=1,
+        duration_ms=1.0,
+        source="urn:test",
+    )
+
+
+@asynccontextmanager
+async def fleet(
+    url: str, prefix: str, count: int, *, limit: int = 100, lease: float = 5.0
+) -> AsyncIterator[list[RedisSharedState]]:
+    states = [
+        RedisSharedState(
+            aioredis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1),
+            prefix=prefix,
+            tenant_rate_limit=limit,
+            tenant_rate_limits={},
+            idempotency_ttl=3600,
+            lease=lease,
+            probe_timeout=5.0,
+        )
+        for _ in range(count)
+    ]
+    for state in states:
+        await state.start()
+    try:
+        yield states
+    finally:
+        for state in states:
+            await state.close()
+
+
+async def test_a_command_sent_by_one_live_process_is_never_granted_to_another(
+    redis_server: str, redis_prefix: str
+) -> None:
+    async with fleet(redis_server, redis_prefix, 2) as (a, b):
+        cmd = make_command("held")
+        assert (await a.begin_send(cmd, take_orphaned=False)).verdict is ClaimVerdict.GRANTED
+        assert (await b.begin_send(cmd, take_orphaned=False)).verdict is ClaimVerdict.BUSY
+        # The holder itself may send again (an in-process retry).
+        assert (await a.begin_send(cmd, take_orphaned=False)).verdict is ClaimVerdict.GRANTED
+
+
+async def test_a_command_whose_sender_died_is_orphaned_for_the_next_process(
+    redis_server: str, redis_prefix: str
+) -> None:
+    async with fleet(redis_server, redis_prefix, 2) as (a, b):
+        cmd = make_command("orphan")
+        assert (await a.begin_send(cmd, take_orphaned=False)).verdict is ClaimVerdict.GRANTED
+        # The process dies: its lease is gone (as when it expires).
+        await b._redis.delete(f"{redis_prefix}owner:{a.owner}")
+        assert (await b.begin_send(cmd, take_orphaned=False)).verdict is ClaimVerdict.ORPHANED
+        # With RETRY_AMBIGUOUS the next process takes it over.
+        assert (await b.begin_send(cmd, take_orphaned=True)).verdict is ClaimVerdict.GRANTED
+
+
+async def test_a_released_command_is_sent_next_unless_graph_may_have_acted_on_it(
+    redis_server: str, redis_prefix: str
+) -> None:
+    async with fleet(redis_server, redis_prefix, 2) as (a, b):
+        unsent, maybe = make_command("unsent"), make_command("maybe")
+        for cmd in (unsent, maybe):
+            assert (await a.begin_send(cmd, take_orphaned=False)).verdict is ClaimVerdict.GRANTED
+        await a.release(unsent, may_have_acted=False)
+        await a.release(maybe, may_have_acted=True)
+        assert (await b.begin_send(unsent, take_orphaned=False)).verdict is ClaimVerdict.GRANTED
+        assert (await b.begin_send(maybe, take_orphaned=False)).verdict is ClaimVerdict.ORPHANED
+
+
+async def test_a_settled_command_gives_every_process_its_unconfirmed_event_or_nothing(
+    redis_server: str, redis_prefix: str
+) -> None:
+    async with fleet(redis_server, redis_prefix, 2) as (a, b):
+        unconfirmed, confirmed = make_command("unconfirmed"), make_command("confirmed")
+        for cmd in (unconfirmed, confirmed):
+            await a.begin_send(cmd, take_orphaned=False)
+        event = outcome(unconfirmed)
+        await a.settle(unconfirmed, event, confirmed=False)
+        await a.settle(confirmed, outcome(confirmed), confirmed=True)
+
+        replay = await b.begin_send(unconfirmed, take_orphaned=False)
+        assert replay.verdict is ClaimVerdict.SETTLED
+        assert replay.event is not None
+        assert replay.event.id == event.id
+        assert replay.fingerprint == unconfirmed.fingerprint()
+        done = await b.begin_send(confirmed, take_orphaned=False)
+        assert (done.verdict, done.event) == (ClaimVerdict.SETTLED, None)
+        # Another command under a settled id: the fingerprint tells it apart.
+        reused = make_command("confirmed", call_id="5e0d5a2c-61a4-4a8e-9d36-2f3c8e0f1b77")
+        other = await b.begin_send(reused, take_orphaned=False)
+        assert other.verdict is ClaimVerdict.SETTLED
+        assert other.fingerprint != reused.fingerprint()
+
+
+async def _grant_loop(
+    state: RedisSharedState, name: str, until: float, stamps: list[float]
+) -> None:
+    index = 0
+    while time.monotonic() < until:
+        index += 1
+        cmd = make_command(f"{name}-{index}")
+        while True:
+            claim = await state.begin_send(cmd, take_orphaned=False)
+            if claim.verdict is ClaimVerdict.GRANTED:
+                stamps.append(time.monotonic())
+                break
+            assert claim.verdict is ClaimVerdict.WAIT
+            await asyncio.sleep(claim.wait)
+
+
+async def test_three_processes_together_never_exceed_the_tenant_limit_in_any_second(
+    redis_server: str, redis_prefix: str
+) -> None:
+    limit, seconds = 30, 4.0
+    stamps: list[float] = []
+    async with fleet(redis_server, redis_prefix, 3, limit=limit) as states:
+        until = time.monotonic() + seconds
+        await asyncio.gather(
+            *(_grant_loop(state, f"p{n}", until, stamps) for n, state in enumerate(states))
+        )
+    stamps.sort()
+    # Grants are stamped by Redis's clock; these are the local moments the grants arrived,
+    # which lag by a round trip each: the window allows 10 ms of that jitter.
+    busiest = max(
+        sum(1 for t in stamps[i:] if t < start + 1.0 - 0.01) for i, start in enumerate(stamps)
+    )
+    rate = len(stamps) / seconds
+    print(f"\n3 processes, limit {limit}/s: {len(stamps)} grants, {rate:.1f}/s, busiest {busiest}")
+    assert busiest <= limit
+    assert rate >= 0.9 * limit
+
+
+async def test_a_429_on_one_process_pauses_the_tenant_on_all_then_one_probe_goes_first(
+    redis_server: str, redis_prefix: str
+) -> None:
+    async with fleet(redis_server, redis_prefix, 2, limit=10) as (a, b):
+        await a.throttle(TENANT, 0.5)
+        paused = await b.begin_send(make_command("during"), take_orphaned=False)
+        assert paused.verdict is ClaimVerdict.WAIT
+        assert 0.3 < paused.wait <= 0.5
+        await asyncio.sleep(paused.wait + 0.05)
+        probe = make_command("probe")
+        assert (await b.begin_send(probe, take_orphaned=False)).verdict is ClaimVerdict.GRANTED
+        # Until the probe is answered, nobody else is granted.
+        held = await a.begin_send(make_command("after"), take_orphaned=False)
+        assert held.verdict is ClaimVerdict.WAIT
+        await b.settle(probe, outcome(probe), confirmed=True)
+        # Then the halved limit (5 of 10), growing back by one a second.
+        granted = 0
+        for index in range(10):
+            claim = await a.begin_send(make_command(f"after-{index}"), take_orphaned=False)
+            granted += claim.verdict is ClaimVerdict.GRANTED
+        assert granted == 4  # the probe took the fifth grant of this second
+
+
+def _spare_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+    server = shutil.which("redis-server")
+    assert server, "redis-server is not installed (CI installs Debian's redis-server)"
+    process = subprocess.Popen(  # noqa: S603 - the installed redis-server, fixed arguments
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"redis-server did not start on port {port}")
+
+
+async def test_redis_away_sends_nothing_and_keeps_the_writes_until_it_answers_again(
+    tmp_path: Path,
+) -> None:
+    port = _spare_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = _start_redis(port, tmp_path)
+    changes: list[bool] = []
+    try:
+        async with fleet(url, "away:", 1, lease=1.5) as (state,):
+            state.on_availability_change(changes.append)
+            cmd = make_command("in-hand")
+            assert (
+                await state.begin_send(cmd, take_orphaned=False)
+            ).verdict is ClaimVerdict.GRANTED
+            server.kill()
+            server.wait()
+            with pytest.raises(SharedStateUnavailable):
+                await state.begin_send(make_command("new"), take_orphaned=False)
+            assert not state.available
+            await state.settle(cmd, outcome(cmd), confirmed=True)  # kept, not lost
+            server = _start_redis(port, tmp_path)
+            await _eventually(lambda: state.available, 10)
+            assert changes == [False, True]
+            # The settle kept while Redis was away was written once it came back.
+            claim = await state.begin_send(cmd, take_orphaned=False)
+            assert (claim.verdict, claim.event) == (ClaimVerdict.SETTLED, None)
+    finally:
+        server.kill()
+        server.wait()
+
+
+async def _eventually(check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)

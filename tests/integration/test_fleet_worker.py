@@ -1,0 +1,94 @@
+"""The worker in fleet mode (REDIS_URL), meeting records that other processes left in Redis.
+
+The other process is a `RedisSharedState` of the test's own, with an owner id of its own: what
+it writes is what a second pod would write.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import make_settings
+from tests.support.harness import TENANT_A, Broker, command, running_worker
+from worker.core.commands import Command, parse_command
+from worker.core.outcomes import accepted
+from worker.core.ports import ClaimVerdict
+from worker.devtools.simulator import SimulatorThread
+from worker.fleet import RedisSharedState
+
+pytestmark = pytest.mark.integration
+
+
+def other_process(url: str, prefix: str) -> RedisSharedState:
+    return RedisSharedState(
+        aioredis.Redis.from_url(url),
+        prefix=prefix,
+        tenant_rate_limit=100,
+        tenant_rate_limits={},
+        idempotency_ttl=3600,
+        lease=5,
+        probe_timeout=5,
+    )
+
+
+def as_command(body: dict[str, object]) -> Command:
+    return parse_command(
+        json.dumps(body).encode(),
+        content_type="application/json",
+        default_tenant_id=TENANT_A,
+        max_bytes=65_536,
+    )
+
+
+async def test_a_command_a_dead_process_was_sending_fails_as_ambiguous_without_a_second_call(
+    broker: Broker, simulator: SimulatorThread, redis_server: str, redis_prefix: str
+) -> None:
+    settings = make_settings(simulator, REDIS_URL=redis_server, REDIS_KEY_PREFIX=redis_prefix)
+    body = command(command_id=str(uuid.uuid4()))
+    other = other_process(redis_server, redis_prefix)
+    await other.start()
+    claim = await other.begin_send(as_command(body), take_orphaned=False)
+    assert claim.verdict is ClaimVerdict.GRANTED
+    await other.close()  # the process dies: its lease goes with it
+    async with running_worker(settings, broker) as (_, collector):
+        await broker.publish(settings, body)
+        [outcome] = await collector.wait_for(1)
+    assert outcome.routing_key == "invite.failed"
+    assert outcome.data["reason"] == "graph_no_answer"
+    assert simulator.invites == []
+
+
+async def test_a_command_settled_unconfirmed_by_another_process_gets_that_event_not_a_call(
+    broker: Broker, simulator: SimulatorThread, redis_server: str, redis_prefix: str
+) -> None:
+    settings = make_settings(simulator, REDIS_URL=redis_server, REDIS_KEY_PREFIX=redis_prefix)
+    body = command(command_id=str(uuid.uuid4()))
+    cmd = as_command(body)
+    event = accepted(
+        cmd,
+        operation_id="op-from-the-other-pod",
+        operation_status="running",
+        location=None,
+        request_id="r",
+        client_request_id=cmd.command_id,
+        attempts=1,
+        duration_ms=1.0,
+        source="urn:other-pod",
+    )
+    other = other_process(redis_server, redis_prefix)
+    await other.start()
+    await other.begin_send(cmd, take_orphaned=False)
+    await other.settle(cmd, event, confirmed=False)
+    await other.close()
+    async with running_worker(settings, broker) as (worker, collector):
+        await broker.publish(settings, body)
+        [outcome] = await collector.wait_for(1)
+        trips = worker.metrics.redis_round_trips.value("begin_send")
+    assert outcome.event_id == event.id
+    assert outcome.routing_key == "invite.accepted"
+    assert simulator.invites == []
+    assert trips == 1
