@@ -1,12 +1,17 @@
 # One task runner for laptops and CI. `uv run --frozen` installs exactly what uv.lock pins.
+# `.ci/ensure` installs uv from PyPI when it is missing and starts the services the tests need;
+# the directories pip installs scripts into are on the PATH, so a uv it installed is found.
+export PATH := $(shell .ci/ensure bin-path):$(PATH)
 RUN := uv run --frozen
 
 .PHONY: install test lint format typecheck schemas deploy-check check demo run simulator
 
 install:  ## the virtual environment, from the lock file
+	.ci/ensure uv
 	uv sync --frozen
 
-test:  ## the whole test suite (needs RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379; `.ci/rabbitmq` and `.ci/redis` start them)
+test:  ## the whole test suite: uv, RabbitMQ on 127.0.0.1:5672 and Redis on :6379 made sure of first
+	.ci/ensure uv rabbitmq redis
 	$(RUN) pytest
 
 lint:
@@ -39,7 +44,7 @@ deploy-check:  ## Dockerfile and k8s/ checks (no Docker engine or cluster needed
 check: lint typecheck test deploy-check
 
 demo:  ## the whole job on this machine: RabbitMQ, simulator, worker, the document's examples
-	.ci/rabbitmq
+	.ci/ensure uv rabbitmq
 	$(RUN) invite-worker demo
 
 run:  ## the production process, configured by environment variables
