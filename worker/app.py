@@ -78,13 +78,19 @@ def shared_state(settings: Settings, metrics: Metrics) -> RedisSharedState | Non
     """The fleet's shared state when REDIS_URL is set; None keeps each process on its own."""
     if settings.redis_url is None:
         return None
-    client = aioredis.Redis.from_url(
+    # One connection per command in hand at most (each holds one only for a call), and a few
+    # for the lease: callers beyond that wait for a connection rather than fail, so that a
+    # burst is never mistaken for Redis being away.
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url.get_secret_value(),
+        max_connections=settings.prefetch_count + 4,
+        timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
         health_check_interval=30,
         client_name="invite-worker",
     )
+    client = aioredis.Redis(connection_pool=pool)
     return RedisSharedState(
         client,
         prefix=settings.redis_key_prefix,

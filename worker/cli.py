@@ -1,4 +1,4 @@
-"""The `invite-worker` command line: run the worker, the Graph simulator, the demo, schemas."""
+"""The `invite-worker` command line: run the worker, the simulator, the demo, send, schemas."""
 
 from __future__ import annotations
 
@@ -48,7 +48,12 @@ def _simulator(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from worker.devtools import demo  # noqa: PLC0415
 
-    return demo.main(amqp_url=args.amqp_url, examples=args.examples, worker_log=args.worker_log)
+    return demo.main(
+        amqp_url=args.amqp_url,
+        examples=args.examples,
+        worker_log=args.worker_log,
+        verbose=args.verbose,
+    )
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
@@ -84,6 +89,52 @@ def _schemas(args: argparse.Namespace) -> int:
     for path in schemas.write(args.directory):
         print(path)
     return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from worker.ops import send  # noqa: PLC0415
+    from worker.settings import Settings  # noqa: PLC0415
+
+    flags = args.call_id or args.user or args.phone or args.tenant or args.replaces_call_id
+    if (args.file is None) == (not flags):
+        print("send needs a FILE (or - for standard input), or --call-id and", file=sys.stderr)
+        print("--user/--phone, not both", file=sys.stderr)
+        return 2
+    if args.file is None:
+        if not args.call_id:
+            print("--call-id is required to build a command from flags", file=sys.stderr)
+            return 2
+        command = send.build_command(
+            call_id=args.call_id,
+            users=args.user,
+            phones=args.phone,
+            tenant_id=args.tenant,
+            replaces_call_id=args.replaces_call_id,
+        )
+        body = json.dumps(command).encode()
+    elif args.file == "-":
+        body = sys.stdin.buffer.read()
+    else:
+        try:
+            body = Path(args.file).read_bytes()
+        except OSError as exc:
+            print(f"cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        _print_settings_errors(exc)
+        return 2
+    return send.run(settings, body, timeout=args.timeout, as_json=args.json)
+
+
+def _print_settings_errors(exc: ValidationError) -> None:
+    # Settings errors name the variable; their input is not echoed (it may be a secret).
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in error["loc"]) or "settings"
+        print(f"invalid setting {where}: {error['msg']}", file=sys.stderr)
 
 
 def _simulator_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     demo.add_argument("--examples", type=Path, default=Path("schemas/examples"))
     demo.add_argument("--worker-log", type=Path, help="keep the worker's log lines in this file")
+    demo.add_argument(
+        "--verbose", action="store_true", help="print each outcome event and the worker's log lines"
+    )
     demo.set_defaults(handler=_demo)
 
     dead = commands.add_parser(
@@ -136,7 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dead.set_defaults(handler=_dead_letters)
 
-    schema = commands.add_parser("schemas", help="write (or --check) the JSON Schemas")
+    sender = commands.add_parser(
+        "send",
+        help="publish one command (validated first) and wait for its outcome",
+        description=(
+            "Publish a command from FILE, from standard input (-), or built from flags, to "
+            "COMMAND_QUEUE and wait for its outcome on OUTCOME_EXCHANGE. Exit 0 accepted, 1 "
+            "failed/rejected/expired, 2 invalid (not published), 3 timeout, 4 not published."
+        ),
+    )
+    sender.add_argument("file", nargs="?", help="the command as JSON; - for standard input")
+    sender.add_argument("--call-id", help="the Graph call id")
+    sender.add_argument("--user", action="append", default=[], help="invite this user id")
+    sender.add_argument("--phone", action="append", default=[], help="invite this E.164 number")
+    sender.add_argument("--tenant", help="the call's tenant (default: AZURE_TENANT_ID)")
+    sender.add_argument("--replaces-call-id", help="the peer-to-peer call this one replaces")
+    sender.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
+    sender.add_argument("--json", action="store_true", help="print the outcome event as JSON")
+    sender.set_defaults(handler=_send)
+
+    schema = commands.add_parser(
+        "schemas", help="write (or --check) the JSON Schemas and asyncapi.yaml"
+    )
     schema.add_argument("--directory", type=Path, default=Path("schemas"))
     schema.add_argument("--check", action="store_true", help="exit 1 if the files have drifted")
     schema.set_defaults(handler=_schemas)

@@ -6,8 +6,10 @@
 - The build context that .dockerignore lets through holds the app and nothing else.
 - Every manifest under k8s/ loads; the base and every overlay render (a small implementation of
   the kustomize fields they use); the built-in kinds validate strictly against the schemas of a
-  pinned Kubernetes version (kubernetes-validate), KEDA's and the Prometheus Operator's kinds
-  against k8s/schemas/.
+  pinned Kubernetes version (kubernetes-validate), KEDA's, the RabbitMQ Messaging Topology
+  Operator's and the Prometheus Operator's kinds against k8s/schemas/.
+- The topology-operator overlay provisions exactly the queues, exchanges and bindings the worker
+  declares, with its arguments, and runs it with DECLARE_TOPOLOGY=false.
 - The values that several files must agree on (UID, ports, queue name, grace periods, Graph's
   rate limit against the replica ceiling) do.
 
@@ -40,7 +42,9 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from tests.support.harness import isolated_settings
 from worker import __version__
+from worker.amqp.topology import topology_objects
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,15 +59,25 @@ KUBERNETES_VERSION = "1.30.0"
 #: Graph's throttling limit for invites: 50,000 requests per 15 s per app per tenant.
 GRAPH_REQUESTS_PER_SECOND_PER_TENANT = 50_000 / 15
 #: The kinds k8s/schemas/ describes; every other kind is a built-in one.
-CRD_SCHEMAS = {
-    (f"{group}/{version}", kind): K8S / "schemas" / f"{group}-{version}-{kind.lower()}.json"
-    for group, version, kind in (
-        ("keda.sh", "v1alpha1", "ScaledObject"),
-        ("keda.sh", "v1alpha1", "TriggerAuthentication"),
-        ("monitoring.coreos.com", "v1", "PodMonitor"),
-        ("monitoring.coreos.com", "v1", "PrometheusRule"),
-    )
+KEDA_SCHEMAS = {
+    ("keda.sh/v1alpha1", kind): K8S / "schemas" / f"keda.sh-v1alpha1-{kind.lower()}.json"
+    for kind in ("ScaledObject", "TriggerAuthentication")
 }
+#: The Prometheus Operator's kinds that k8s/schemas/ describes (from its CRDs).
+MONITORING_SCHEMAS = {
+    ("monitoring.coreos.com/v1", kind): K8S
+    / "schemas"
+    / f"monitoring.coreos.com-v1-{kind.lower()}.json"
+    for kind in ("PodMonitor", "PrometheusRule")
+}
+#: The Messaging Topology Operator's kinds that k8s/schemas/ describes.
+TOPOLOGY_KINDS = ("Queue", "Exchange", "Binding", "Policy")
+TOPOLOGY_SCHEMAS = {
+    ("rabbitmq.com/v1beta1", kind): K8S / "schemas" / f"rabbitmq.com-v1beta1-{kind.lower()}.json"
+    for kind in TOPOLOGY_KINDS
+}
+CRD_SCHEMAS = {**KEDA_SCHEMAS, **TOPOLOGY_SCHEMAS, **MONITORING_SCHEMAS}
+TOPOLOGY_OVERLAY = K8S / "overlays" / "topology-operator"
 #: Settings that are credentials: only ever in the Secret, never in the ConfigMap.
 CREDENTIALS = {"AMQP_URL", "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "REDIS_URL"}
 
@@ -656,8 +670,9 @@ def test_the_dockerfile_pins_its_images_and_uses_one_python(pyproject: dict[str,
     (python,) = pythons
     assert re.fullmatch(r"python:3\.11[.\w-]*-slim[\w-]*(@sha256:[0-9a-f]{64})?", python), python
     assert pyproject["project"]["requires-python"] == ">=3.11"
-    # The uv of the image is the uv of CI (.ci/run installs it, and the replay uses it).
-    ci = (ROOT / ".ci" / "run").read_text()
+    # The uv of the image is the uv of CI (.ci/ensure installs it for .ci/run and the Makefile,
+    # and the replay uses it).
+    ci = (ROOT / ".ci" / "ensure").read_text()
     assert f"UV_VERSION={pinned_uv_version()}\n" in ci
 
 
@@ -708,7 +723,7 @@ def test_every_manifest_loads_and_every_base_file_is_a_resource() -> None:
 
 
 def test_the_base_and_the_overlays_render(rendered: dict[tuple[str, str], Manifest]) -> None:
-    assert {kind for kind, _ in rendered} == {
+    assert {kind for kind, _ in rendered} - set(TOPOLOGY_KINDS) == {
         "ServiceAccount",
         "ConfigMap",
         "Deployment",
@@ -734,7 +749,7 @@ def _validate(resource: Manifest) -> None:
         kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
 
 
-def test_every_resource_is_valid_for_the_pinned_kubernetes_keda_and_prometheus_operator(
+def test_every_resource_is_valid_for_the_pinned_kubernetes_and_the_operators_schemas(
     rendered: dict[tuple[str, str], Manifest],
 ) -> None:
     for resource in [*rendered.values(), *load_documents(SECRET_TEMPLATE)]:
@@ -935,3 +950,79 @@ def test_keda_scales_the_deployment_on_the_command_queue_within_graph_limits(
     budget = _one(rendered, "PodDisruptionBudget")["spec"]
     assert scaled["minReplicaCount"] - budget["maxUnavailable"] >= 1
     assert scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+
+
+# --- The topology-operator overlay ----------------------------------------------------------
+
+
+def test_the_topology_schemas_are_schemas_and_refuse_what_the_operator_would() -> None:
+    for path in TOPOLOGY_SCHEMAS.values():
+        jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
+    [queue, *_] = load_documents(TOPOLOGY_OVERLAY / "queues.yaml")
+    [policy] = load_documents(TOPOLOGY_OVERLAY / "policies.yaml")
+    [binding, *_] = load_documents(TOPOLOGY_OVERLAY / "bindings.yaml")
+    broken: list[Manifest] = []
+    for document, (section, key), value in [
+        (queue, ("spec", "rabbitmqClusterReference"), None),  # required by the CRD
+        (queue, ("spec", "deletionPolicy"), "keep"),  # delete or retain
+        (queue, ("spec", "arguments"), ["x-queue-type", "quorum"]),  # an object
+        (queue, ("spec", "maxLength"), 10),  # not a field: an argument or a policy
+        (policy, ("spec", "applyTo"), "quorum"),  # quorum_queues
+        (policy, ("spec", "definition"), None),  # required by the CRD
+        (binding, ("spec", "destinationType"), "topic"),  # exchange or queue
+    ]:
+        copy = json.loads(json.dumps(document))
+        if value is None:
+            del copy[section][key]
+        else:
+            copy[section][key] = value
+        broken.append(copy)
+    for document in broken:
+        with pytest.raises(jsonschema.ValidationError):
+            _validate(document)
+
+
+def test_the_topology_operator_overlay_provisions_what_the_worker_declares() -> None:
+    rendered = {resource_id(r): r for r in kustomize_build(TOPOLOGY_OVERLAY)}
+    config = _config(rendered)
+    assert config["DECLARE_TOPOLOGY"] == "false"
+    settings = isolated_settings(dict(config))
+    assert settings.declare_topology is False
+    exchanges, queues = topology_objects(settings)
+    specs = {
+        kind: [r["spec"] for (k, _), r in rendered.items() if k == kind] for kind in TOPOLOGY_KINDS
+    }
+    cluster = {"name": "rabbitmq", "namespace": "messaging"}
+    for spec in [s for kind in TOPOLOGY_KINDS for s in specs[kind]]:
+        assert spec["rabbitmqClusterReference"] == cluster
+        assert spec.get("vhost", "/") == "/"
+
+    declared_queues = {
+        q["name"]: {**q.get("arguments", {}), "x-queue-type": q["type"]} for q in specs["Queue"]
+    }
+    assert declared_queues == {q.name: q.arguments for q in queues}
+    for spec in specs["Queue"]:
+        assert spec["durable"] is True
+        assert spec["autoDelete"] is False
+        assert spec["deletionPolicy"] == "retain", "deleting the resource keeps the messages"
+    declared_exchanges = {
+        e["name"]: (e["type"], e.get("arguments", {}), e["durable"]) for e in specs["Exchange"]
+    }
+    assert declared_exchanges == {e.name: (e.type.value, e.arguments, True) for e in exchanges}
+    declared_bindings = {
+        (b["source"], b["destination"], b["destinationType"], b["routingKey"])
+        for b in specs["Binding"]
+    }
+    # aio-pika binds a queue with its own name as the routing key.
+    assert declared_bindings == {
+        (q.bound_to, q.name, "queue", q.name) for q in queues if q.bound_to is not None
+    }
+
+    [policy] = specs["Policy"]
+    applies_to = [q.name for q in queues if re.search(policy["pattern"], q.name)]
+    assert applies_to == [settings.command_queue]
+    assert policy["applyTo"] == "quorum_queues"
+    command_queue = next(q for q in queues if q.name == settings.command_queue)
+    for key, value in policy["definition"].items():
+        assert command_queue.arguments[f"x-{key}"] == value, key
+    assert {"dead-letter-exchange", "delivery-limit"} <= set(policy["definition"])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.devtools import demo
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
@@ -42,6 +44,34 @@ def test_demo_runs_the_examples_through_the_worker_process_and_exits_0(
     assert result.stdout.count("outcome invite.accepted") == 5
     assert result.stdout.count("outcome invite.rejected") == 1
     assert "exited 0 after SIGTERM" in result.stdout
+    # Without --verbose: no events whole, no log lines; the table closes the output.
+    assert '"specversion"' not in result.stdout
+    assert "command.settled" not in result.stdout
+    table = result.stdout.rstrip().splitlines()[-8:]
+    assert table[0].split() == [
+        "example",
+        "command",
+        "id",
+        "outcome",
+        "attempts",
+        "ms",
+        "Graph",
+        "received",
+    ]
+    assert set(table[1]) == {"-", " "}
+    rows = {line.split()[0]: line.split() for line in table[2:]}
+    for path in sorted((ROOT / "schemas" / "examples").glob("*.json")):
+        row = rows[path.stem]
+        assert row[1] == json.loads(path.read_text())["commandId"]
+        assert row[2:4] == ["invite.accepted", "1"]
+        assert float(row[4]) > 0
+        assert row[5:7] == ["HTTP", "200:"]
+    rejected = rows["rejected/example-2-as-written"]
+    assert rejected[2:4] == ["invite.rejected", "0"]
+    assert " ".join(rejected[5:]) == "nothing (no request)"
+    # The PSTN example's number is shortened to its last digits.
+    assert " ".join(rows["example-4-invite-pstn-participant"][5:]).endswith("phone …8901")
+    assert "+12345678901" not in result.stdout
 
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     settled = [line for line in lines if line["event"] == "command.settled"]
@@ -133,3 +163,30 @@ def test_run_without_a_credential_exits_2_and_says_which_variables() -> None:
     )
     assert result.returncode == 2
     assert "AZURE_CLIENT_SECRET" in result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_demo_verbose_prints_each_event_whole_and_the_worker_log_lines(rabbitmq: str) -> None:
+    result = subprocess.run(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "worker", "demo", "--amqp-url", rabbitmq, "--verbose"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count('"specversion": "1.0"') == 6
+    assert result.stdout.count('"command.settled"') == 6
+    assert "Graph received" in result.stdout
+
+
+def test_the_summary_table_says_when_an_outcome_was_not_the_expected_one() -> None:
+    rows = [
+        demo.Row("a", "id-a", "invite.accepted", "invite.failed", 2, 12.34),
+        demo.Row("b", "id-b", "invite.accepted"),
+    ]
+    table = demo.summary_table(rows, []).splitlines()
+    assert "invite.failed (expected invite.accepted)" in table[2]
+    assert table[2].split()[-5:] == ["2", "12.3", "nothing", "(no", "request)"]
+    assert "none (expected invite.accepted)" in table[3]

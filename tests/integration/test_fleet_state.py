@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.support.harness import command
+from tests.support.harness import command, isolated_settings
+from worker.app import shared_state
 from worker.core.commands import Command, parse_command
 from worker.core.errors import SharedStateUnavailable
 from worker.core.outcomes import OutcomeEvent, accepted
 from worker.core.ports import ClaimVerdict
 from worker.fleet import RedisSharedState
+from worker.observability.metrics import Metrics
 
 pytestmark = pytest.mark.integration
 
@@ -276,3 +278,26 @@ async def _eventually(check: Callable[[], bool], timeout: float) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.05)
+
+
+async def test_a_burst_of_calls_beyond_the_pool_waits_for_connections_instead_of_failing(
+    redis_server: str, redis_prefix: str
+) -> None:
+    settings = isolated_settings(
+        {
+            "REDIS_URL": redis_server,
+            "REDIS_KEY_PREFIX": redis_prefix,
+            "GRAPH_MAX_IN_FLIGHT": 1,
+            "GRAPH_TENANT_RATE_LIMIT": 3000,
+        }
+    )
+    state = shared_state(settings, Metrics())
+    assert state is not None
+    await state.start()
+    try:
+        commands = [make_command(f"burst-{n}") for n in range(300)]
+        claims = await asyncio.gather(*(state.begin_send(c, take_orphaned=False) for c in commands))
+        assert {claim.verdict for claim in claims} == {ClaimVerdict.GRANTED}
+        assert state.available
+    finally:
+        await state.close()

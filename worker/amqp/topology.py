@@ -49,40 +49,44 @@ def _quorum(**arguments: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Exchange:
+class ExchangeSpec:
+    """An exchange as the worker declares it."""
+
     name: str
     type: aio_pika.ExchangeType
     arguments: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
-class _Queue:
+class QueueSpec:
+    """A queue as the worker declares it."""
+
     name: str
     arguments: dict[str, Any]
     #: The fanout exchange it is bound to, if any.
     bound_to: str | None = None
 
 
-def _objects(settings: Settings) -> tuple[list[_Exchange], list[_Queue]]:
+def topology_objects(settings: Settings) -> tuple[list[ExchangeSpec], list[QueueSpec]]:
     """Every exchange and queue the worker uses, with the arguments it expects, in order."""
     unrouted = settings.unrouted_outcome_queue
     exchanges = [
-        _Exchange(settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT),
-        _Exchange(unrouted, aio_pika.ExchangeType.FANOUT),
-        _Exchange(
+        ExchangeSpec(settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT),
+        ExchangeSpec(unrouted, aio_pika.ExchangeType.FANOUT),
+        ExchangeSpec(
             settings.outcome_exchange,
             aio_pika.ExchangeType.TOPIC,
             {"alternate-exchange": unrouted},
         ),
     ]
     queues = [
-        _Queue(
+        QueueSpec(
             settings.dead_letter_queue,
             {"x-queue-type": "quorum"},
             bound_to=settings.dead_letter_exchange,
         ),
-        _Queue(unrouted, {"x-queue-type": "quorum"}, bound_to=unrouted),
-        _Queue(
+        QueueSpec(unrouted, {"x-queue-type": "quorum"}, bound_to=unrouted),
+        QueueSpec(
             settings.command_queue,
             _quorum(
                 **{
@@ -92,7 +96,7 @@ def _objects(settings: Settings) -> tuple[list[_Exchange], list[_Queue]]:
             ),
         ),
         *(
-            _Queue(
+            QueueSpec(
                 settings.delay_queue(seconds),
                 _quorum(
                     **{
@@ -163,7 +167,7 @@ async def declare_topology(
 
     Raises `TopologyMismatch` when one exists with other arguments.
     """
-    exchanges, queues = _objects(settings)
+    exchanges, queues = topology_objects(settings)
     declared: dict[str, AbstractExchange] = {}
     try:
         for exchange in exchanges:
@@ -194,7 +198,7 @@ async def verify_topology(connection: AbstractConnection, settings: Settings) ->
     configure permission they cannot be compared, and this returns False (True otherwise).
     Bindings cannot be checked through AMQP at all.
     """
-    exchanges, queues = _objects(settings)
+    exchanges, queues = topology_objects(settings)
     missing: list[str] = []
     for exchange in exchanges:
         async with _channel(connection) as channel:

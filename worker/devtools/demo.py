@@ -2,8 +2,10 @@
 
 Starts the Graph simulator, starts the real worker process (`invite-worker run`) pointed at
 it and at the local RabbitMQ, publishes the Graph document's five examples and one invalid
-command, prints each outcome event as it arrives, stops the worker with SIGTERM and exits 0
-when every command got the outcome it should.
+command, prints one line per outcome as it arrives, stops the worker with SIGTERM, ends with a
+table of what became of each command (and what Graph received for it) and exits 0 when every
+command got the outcome it should. `--verbose` also prints each outcome event whole and the
+worker's canonical log lines.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import aio_pika
 
 from worker.amqp.topology import topology_names
-from worker.devtools.simulator import SimulatorThread
+from worker.devtools.simulator import RecordedInvite, SimulatorThread
 from worker.settings import Settings
 
 TENANT = "8a1c1f43-6b7e-4b38-9b7d-5c2a3e4f5a6b"
@@ -31,8 +34,22 @@ CLIENT_ID = "3f5d2c1b-0a9e-4d8c-b7a6-1e2f3a4b5c6d"
 _TIMEOUT = 60.0
 
 
-def main(*, amqp_url: str, examples: Path, worker_log: Path | None = None) -> int:
-    return asyncio.run(_demo(amqp_url, examples, worker_log))
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One command's line in the closing table."""
+
+    example: str
+    command_id: str
+    expected: str
+    outcome: str | None = None
+    attempts: int | None = None
+    duration_ms: float | None = None
+
+
+def main(
+    *, amqp_url: str, examples: Path, worker_log: Path | None = None, verbose: bool = False
+) -> int:
+    return asyncio.run(_demo(amqp_url, examples, worker_log, verbose))
 
 
 def _commands(examples: Path) -> list[tuple[str, bytes, str]]:
@@ -48,7 +65,7 @@ def _commands(examples: Path) -> list[tuple[str, bytes, str]]:
     return commands
 
 
-async def _demo(amqp_url: str, examples: Path, worker_log: Path | None) -> int:
+async def _demo(amqp_url: str, examples: Path, worker_log: Path | None, verbose: bool) -> int:
     commands = _commands(examples)
     if not commands:
         print(f"no example commands in {examples}", file=sys.stderr)
@@ -92,15 +109,22 @@ async def _demo(amqp_url: str, examples: Path, worker_log: Path | None) -> int:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "worker", "run"], env=env, stdout=log_file, stderr=log_file
             )
+            rows: list[Row] = []
             try:
-                ok = await _run(connection, worker, log_path, names, commands)
+                ok = await _run(
+                    connection, worker, log_path, names, commands, rows=rows, verbose=verbose
+                )
             finally:
                 code = _stop(worker)
                 await _clean_up(connection, names)
-        print(f"worker: exited {code} after SIGTERM; its canonical log lines:")
-        _print_settled_lines(log_path)
+        if verbose:
+            print(f"worker: exited {code} after SIGTERM; its canonical log lines:")
+            _print_settled_lines(log_path)
+        else:
+            print(f"worker: exited {code} after SIGTERM")
         tokens = len(sim.token_requests)
-        print(f"graph simulator saw {len(sim.invites)} invites and {tokens} token request(s)")
+        print(f"graph simulator saw {len(sim.invites)} invites and {tokens} token request(s)\n")
+        print(summary_table(rows, sim.invites))
     return 0 if ok and code == 0 else 1
 
 
@@ -110,6 +134,9 @@ async def _run(
     log_path: Path,
     topology: Settings,
     commands: list[tuple[str, bytes, str]],
+    *,
+    rows: list[Row],
+    verbose: bool,
 ) -> bool:
     if not await _wait_ready(worker, log_path):
         print("worker: did not become ready; its log:", file=sys.stderr)
@@ -123,6 +150,7 @@ async def _run(
     for name, body, expected in commands:
         command_id = json.loads(body).get("commandId")
         names[command_id] = (name, expected)
+        rows.append(Row(name, command_id, expected))
         await channel.default_exchange.publish(
             aio_pika.Message(
                 body,
@@ -137,11 +165,23 @@ async def _run(
         async for message in messages:
             await message.ack()
             event = json.loads(message.body)
-            name, expected = names.pop(event["data"]["commandId"], ("?", "?"))
+            data = event["data"]
+            name, expected = names.pop(data["commandId"], ("?", "?"))
             mark = "ok" if message.routing_key == expected else f"EXPECTED {expected}"
             ok = ok and message.routing_key == expected
-            print(f"\noutcome {message.routing_key} for {name} [{mark}]")
-            print(json.dumps(_summary(event), indent=2))
+            print(f"outcome {message.routing_key} for {name} [{mark}]")
+            if verbose:
+                print(json.dumps(_summary(event), indent=2))
+            for index, row in enumerate(rows):
+                if row.command_id == data["commandId"]:
+                    rows[index] = Row(
+                        row.example,
+                        row.command_id,
+                        row.expected,
+                        message.routing_key,
+                        data.get("attempts"),
+                        data.get("durationMs"),
+                    )
             if not names:
                 break
     if names:
@@ -152,6 +192,54 @@ async def _run(
 def _summary(event: dict[str, Any]) -> dict[str, Any]:
     keep = ("specversion", "type", "source", "subject", "time")
     return {**{k: event[k] for k in keep}, "data": event["data"]}
+
+
+def summary_table(rows: list[Row], invites: list[RecordedInvite]) -> str:
+    """The closing table: each command, its outcome, and what Graph received for it."""
+    received = {invite.client_request_id: invite for invite in invites}
+    header = ("example", "command id", "outcome", "attempts", "ms", "Graph received")
+    lines = [header]
+    for row in rows:
+        outcome = row.outcome or "none"
+        if row.outcome != row.expected:
+            outcome += f" (expected {row.expected})"
+        invite = received.get(row.command_id)
+        lines.append(
+            (
+                row.example,
+                row.command_id,
+                outcome,
+                "-" if row.attempts is None else str(row.attempts),
+                "-" if row.duration_ms is None else f"{row.duration_ms:.1f}",
+                _received(invite),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rule = "  ".join("-" * width for width in widths)
+    text = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
+    return "\n".join([text[0], rule, *text[1:]])
+
+
+def _received(invite: RecordedInvite | None) -> str:
+    """One cell: the call, and who was invited (phone numbers shortened to their last digits)."""
+    if invite is None:
+        return "nothing (no request)"
+    who = [_participant(p) for p in invite.body.get("participants", [])]
+    return f"HTTP {invite.status}: call {invite.call_id[:8]}…, {', '.join(who)}"
+
+
+def _participant(participant: dict[str, Any]) -> str:
+    identity = participant.get("identity") or {}
+    kinds = [k for k in identity if not k.startswith("@") and isinstance(identity[k], dict)]
+    described = []
+    for kind in kinds:
+        ident = str(identity[kind].get("id", ""))
+        described.append(f"{kind} …{ident[-4:]}" if kind == "phone" else f"{kind} {ident[:8]}")
+    extra = [key for key in ("replacesCallId", "participantId") if key in participant]
+    return " + ".join(described) + (f" ({', '.join(extra)})" if extra else "")
 
 
 async def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path) -> bool:

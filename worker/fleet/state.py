@@ -2,11 +2,12 @@
 
 One record per commandId (`<prefix>cmd:<commandId>`, a hash, kept `IDEMPOTENCY_TTL`):
 
-- `state` *sending*, `owner` a live process: that process is sending it, or about to;
+- `state` *sending*, `owner` a live process: that process claimed it, with its tenant's grant,
+  right before writing the request (one script), and has not settled it yet;
 - `state` *sending*, no `owner` (or a dead one): the process died, or crashed, after the
   request may have left; the next process to meet the command gives the ambiguous outcome;
-- `state` *claimed*, no `owner`: a process had it, Graph did not act, and it went back to the
-  broker; the next process sends it;
+- `state` *free*, no `owner`: a process had it, Graph did not act (or the request was never
+  written), and it went back to the broker or waits for a retry; whoever is next sends it;
 - `state` *settled*: the outcome event as published (`event`, empty once the broker confirmed
   it) and the command's fingerprint (`fp`).
 
@@ -118,7 +119,7 @@ if record[1] ~= 'sending' or record[2] ~= ARGV[1] then return 0 end
 if ARGV[2] == '1' then
   redis.call('HDEL', KEYS[1], 'owner')
 else
-  redis.call('HSET', KEYS[1], 'state', 'claimed')
+  redis.call('HSET', KEYS[1], 'state', 'free')
   redis.call('HDEL', KEYS[1], 'owner')
 end
 return 1
@@ -212,7 +213,7 @@ class RedisSharedState:
         with contextlib.suppress(RedisError, OSError):
             await self._flush()
             await self._redis.delete(self._owner_key)
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
     async def _keep_lease(self) -> None:
         while True:

@@ -1,6 +1,7 @@
 """JSON Schemas of the published contract, generated from the pydantic models.
 
-`schemas/` in the repository holds their output; a test fails when the two drift apart.
+The AsyncAPI document (`worker.ops.asyncapi`) is written beside them. `schemas/` in the
+repository holds their output; a test fails when the two drift apart.
 Regenerate with `make schemas` (`invite-worker schemas --directory schemas`); `--check` exits 1
 when the files have drifted.
 """
@@ -22,6 +23,7 @@ from worker.core.outcomes import (
     OutcomeKind,
     RejectedData,
 )
+from worker.ops import asyncapi
 
 _BASE = "https://invite-worker.schemas/"
 _DATA: dict[OutcomeKind, type[BaseModel]] = {
@@ -65,20 +67,30 @@ def render(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def files(directory: Path) -> dict[str, str]:
+    """File name → text: the JSON Schemas, and the AsyncAPI document built on them.
+
+    The document's message examples are the commands in `directory`/examples.
+    """
+    texts = {name: render(schema) for name, schema in generate().items()}
+    texts[asyncapi.FILE_NAME] = asyncapi.render(asyncapi.document(directory / "examples"))
+    return texts
+
+
 def write(directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, schema in generate().items():
+    for name, text in files(directory).items():
         path = directory / name
-        path.write_text(render(schema))
+        path.write_text(text)
         written.append(path)
     return written
 
 
 def drifted(directory: Path) -> list[str]:
-    """Names of schema files in `directory` that differ from what the models generate."""
+    """Names of files in `directory` that differ from what the models generate."""
     return [
         name
-        for name, schema in generate().items()
-        if not (directory / name).is_file() or (directory / name).read_text() != render(schema)
+        for name, text in files(directory).items()
+        if not (directory / name).is_file() or (directory / name).read_text() != text
     ]
