@@ -8,10 +8,7 @@ rung twice, the tenant's budget and a 429's pause held across the fleet.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pytest
 from tests.conftest import REDIS_URL
 from tests.faults.harness import Books, Scenario
 from tests.faults.test_connection_loss import cut
+from tests.support.redis_server import spare_port, start_redis
 from worker.devtools.simulator import FaultRule, SimulatorThread
 
 pytestmark = pytest.mark.integration
@@ -210,36 +208,11 @@ async def test_a_429_on_one_worker_pauses_the_tenant_on_every_worker(
     assert {o.routing_key for o in books.outcomes} == {"invite.accepted"}
 
 
-def _spare_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
-    server = shutil.which("redis-server")
-    assert server, "redis-server is not installed (CI installs Debian's redis-server)"
-    process = subprocess.Popen(  # noqa: S603 - the installed redis-server, fixed arguments
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"redis-server did not start on port {port}")
-
-
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
     """A redis-server of the test's own on a spare port, which the test may kill."""
-    port = _spare_port()
-    servers = [_start_redis(port, tmp_path)]
+    port = spare_port()
+    servers = [start_redis(port, tmp_path)]
     yield port, servers
     for server in servers:
         server.kill()
@@ -277,7 +250,7 @@ async def test_redis_killed_and_restarted_mid_run_loses_nothing_and_rings_nobody
         calls_while_away = len(simulator.invites)
         await asyncio.sleep(3)
         calls_after_pause = len(simulator.invites)
-        servers.append(_start_redis(port, tmp_path))
+        servers.append(start_redis(port, tmp_path))
         books = await scenario.finish(timeout=90)
 
     print(f"\nGraph calls while Redis was away: {calls_after_pause - calls_while_away}")

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.support.harness import command, isolated_settings
+from tests.support.redis_server import spare_port, start_redis
 from worker.app import shared_state
 from worker.core.commands import Command, parse_command
 from worker.core.errors import SharedStateUnavailable
@@ -205,49 +203,12 @@ async def test_a_429_on_one_process_pauses_the_tenant_on_all_then_one_probe_goes
         assert granted == 4  # the probe took the fifth grant of this second
 
 
-def _spare_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
-    server = shutil.which("redis-server")
-    assert server, "redis-server is not installed (CI installs Debian's redis-server)"
-    process = subprocess.Popen(  # noqa: S603 - the installed redis-server, fixed arguments
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"redis-server did not start on port {port}")
-
-
 async def test_redis_away_sends_nothing_and_keeps_the_writes_until_it_answers_again(
     tmp_path: Path,
 ) -> None:
-    port = _spare_port()
+    port = spare_port()
     url = f"redis://127.0.0.1:{port}/0"
-    server = _start_redis(port, tmp_path)
+    server = start_redis(port, tmp_path)
     changes: list[bool] = []
     try:
         async with fleet(url, "away:", 1, lease=1.5) as (state,):
@@ -262,7 +223,7 @@ async def test_redis_away_sends_nothing_and_keeps_the_writes_until_it_answers_ag
                 await state.begin_send(make_command("new"), take_orphaned=False)
             assert not state.available
             await state.settle(cmd, outcome(cmd), confirmed=True)  # kept, not lost
-            server = _start_redis(port, tmp_path)
+            server = start_redis(port, tmp_path)
             await _eventually(lambda: state.available, 10)
             assert changes == [False, True]
             # The settle kept while Redis was away was written once it came back.
