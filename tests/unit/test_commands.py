@@ -70,7 +70,6 @@ def test_defaults_fill_tenant_and_client_context() -> None:
 def test_odata_annotations_and_extra_identity_properties_pass_through_unchanged() -> None:
     participant = {
         "@odata.type": "#microsoft.graph.invitationParticipantInfo",
-        "endpointType": "default",
         "identity": {
             "@odata.type": "#microsoft.graph.identitySet",
             "user": {"id": "u1", "identityProvider": "AAD", "tenantId": DEFAULT_TENANT},
@@ -78,6 +77,50 @@ def test_odata_annotations_and_extra_identity_properties_pass_through_unchanged(
         },
     }
     assert parse(base(participants=[participant])).participants == [participant]
+
+
+@pytest.mark.parametrize("endpoint_type", ["default", "voicemail", None])
+def test_beta_endpoint_type_on_a_participant_is_rejected(endpoint_type: str | None) -> None:
+    participant = {"endpointType": endpoint_type, "identity": {"user": {"id": "u1"}}}
+    found = problems(base(participants=[participant]))
+    assert "beta" in found["participants[0].endpointType"]
+
+
+COMMUNICATIONS_ONLY = ["applicationInstance", "guest", "encrypted", "onPremises"]
+
+
+@pytest.mark.parametrize("name", COMMUNICATIONS_ONLY)
+@pytest.mark.parametrize("odata_type", [None, "#microsoft.graph.identitySet"])
+def test_communications_identity_set_properties_need_that_annotation(
+    name: str, odata_type: str | None
+) -> None:
+    identity: dict[str, Any] = {name: {"id": "x1"}}
+    if odata_type is not None:
+        identity["@odata.type"] = odata_type
+    found = problems(base(participants=[{"identity": identity}]))
+    assert "#microsoft.graph.communicationsIdentitySet" in found[f"participants[0].identity.{name}"]
+
+
+def test_communications_identity_set_properties_pass_under_that_annotation() -> None:
+    identity = {
+        "@odata.type": "#microsoft.graph.communicationsIdentitySet",
+        **{name: {"id": "x1"} for name in COMMUNICATIONS_ONLY},
+        "phone": {"id": "+12345678901"},
+    }
+    participants = [{"identity": identity}]
+    assert parse(base(participants=participants)).participants == participants
+
+
+def test_phone_passes_on_a_plain_identity_set_as_graphs_own_pstn_example_sends_it() -> None:
+    participants = [
+        {
+            "identity": {
+                "@odata.type": "#microsoft.graph.identitySet",
+                "phone": {"id": "+12345678901"},
+            }
+        }
+    ]
+    assert parse(base(participants=participants)).participants == participants
 
 
 def test_a_deadline_must_carry_its_offset() -> None:

@@ -4,6 +4,18 @@ Everything here is pure: it takes bytes and headers and returns a `Command` or r
 `InvalidCommand` with every problem found, field by field. The participants are validated
 against Graph's rules but forwarded exactly as received, so Graph's open shapes
 (`@odata.type` annotations, an identity's extra properties) reach it unchanged.
+
+The worker calls Graph v1.0, so the contract follows v1.0's model where the two differ:
+
+- `endpointType` on a participant is rejected: only beta's `invitationParticipantInfo` has it,
+  and a property v1.0 does not model is at best ignored there, so no publisher can rely on it.
+- `applicationInstance`, `guest`, `encrypted` and `onPremises` are v1.0's
+  `communicationsIdentitySet` properties, not `identitySet`'s: they are accepted on an identity
+  whose `@odata.type` is `#microsoft.graph.communicationsIdentitySet` and rejected on any other,
+  with that annotation named as the fix, rather than sent where Graph may not look for them.
+- `phone` is a `communicationsIdentitySet` property too, but it is accepted on a plain
+  `identitySet`: Graph's own invite document sends a PSTN participant exactly so (its example
+  4, `phone` in the `identitySet`'s additional data), and the Graph SDKs build it the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     AwareDatetime,
@@ -21,6 +33,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -43,6 +57,10 @@ _MAX_LOCATION = 120
 
 _OPEN = ConfigDict(extra="allow", strict=True, populate_by_name=False, frozen=True)
 
+COMMUNICATIONS_IDENTITY_SET = "#microsoft.graph.communicationsIdentitySet"
+#: `communicationsIdentitySet` properties accepted only under that `@odata.type` (see above).
+_COMMUNICATIONS_ONLY = ("applicationInstance", "guest", "encrypted", "onPremises")
+
 
 class Identity(BaseModel):
     """Graph `identity`; extra properties such as `tenantId` and `identityProvider` pass."""
@@ -54,9 +72,26 @@ class Identity(BaseModel):
 
 
 class IdentitySet(BaseModel):
-    """Graph `identitySet`: who is invited."""
+    """Graph `identitySet`, or `communicationsIdentitySet` when annotated so: who is invited.
 
-    model_config = _OPEN
+    `applicationInstance`, `guest`, `encrypted` and `onPremises` need the
+    `communicationsIdentitySet` annotation, where Graph v1.0 declares them; `phone` does not,
+    because Graph's own PSTN example sends it on a plain `identitySet`.
+    """
+
+    model_config = ConfigDict(
+        **_OPEN,
+        json_schema_extra={
+            # The same rule as _communications_only, for the published schema.
+            "if": {
+                "not": {
+                    "required": ["@odata.type"],
+                    "properties": {"@odata.type": {"const": COMMUNICATIONS_IDENTITY_SET}},
+                }
+            },
+            "then": {"properties": dict.fromkeys(_COMMUNICATIONS_ONLY, False)},
+        },
+    )
     odata_type: str | None = Field(None, alias="@odata.type")
     user: Identity | None = None
     application: Identity | None = None
@@ -66,6 +101,17 @@ class IdentitySet(BaseModel):
     guest: Identity | None = None
     encrypted: Identity | None = None
     on_premises: Identity | None = Field(None, alias="onPremises")
+
+    @field_validator("application_instance", "guest", "encrypted", "on_premises")
+    @classmethod
+    def _communications_only(cls, value: Identity | None, info: ValidationInfo) -> Identity | None:
+        # Fields validate in declaration order: odata_type is already in info.data.
+        if value is not None and info.data.get("odata_type") != COMMUNICATIONS_IDENTITY_SET:
+            raise ValueError(
+                "Graph v1.0 declares this on communicationsIdentitySet, not identitySet: "
+                f'set the identity\'s "@odata.type" to "{COMMUNICATIONS_IDENTITY_SET}"'
+            )
+        return value
 
     @field_validator("phone")
     @classmethod
@@ -82,8 +128,15 @@ class IdentitySet(BaseModel):
         return self
 
 
+#: A property that must be absent; the published schema says so with `{"not": {}}`.
+_Absent = Annotated[None, WithJsonSchema({"not": {}})]
+
+
 class InvitationParticipantInfo(BaseModel):
-    """Graph `invitationParticipantInfo`, one person or bot to invite."""
+    """Graph v1.0 `invitationParticipantInfo`, one person or bot to invite.
+
+    Beta's `endpointType` is rejected: v1.0, which the worker calls, does not model it.
+    """
 
     model_config = _OPEN
     odata_type: str | None = Field(None, alias="@odata.type")
@@ -94,7 +147,18 @@ class InvitationParticipantInfo(BaseModel):
         None, alias="removeFromDefaultAudioRoutingGroup"
     )
     replaces_call_id: str | None = Field(None, alias="replacesCallId", max_length=256)
-    endpoint_type: str | None = Field(None, alias="endpointType")
+    endpoint_type: _Absent = Field(
+        None,
+        alias="endpointType",
+        description="Graph beta only; rejected, because the worker calls Graph v1.0.",
+    )
+
+    @field_validator("endpoint_type", mode="before")
+    @classmethod
+    def _beta_only(cls, value: object) -> None:
+        raise ValueError(
+            "endpointType is a Graph beta property; v1.0, which the worker calls, does not take it"
+        )
 
 
 class InviteCommand(BaseModel):
