@@ -10,8 +10,9 @@ install:  ## the virtual environment, from the lock file
 	.ci/ensure uv
 	uv sync --frozen
 
-test:  ## the whole test suite: uv, RabbitMQ on 127.0.0.1:5672 and Redis on :6379 made sure of first
+test:  ## the whole test suite: uv, RabbitMQ on 127.0.0.1:5672, Redis on :6379 and promtool made sure of first
 	.ci/ensure uv rabbitmq redis
+	.ci/promtool
 	$(RUN) pytest
 
 lint:

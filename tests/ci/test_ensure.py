@@ -222,7 +222,8 @@ def test_make_test_and_make_demo_make_sure_of_uv_and_the_services_first() -> Non
         )
         recipes[target] = dry.stdout.splitlines()
     assert recipes["test"][0] == ".ci/ensure uv rabbitmq redis"
-    assert recipes["test"][1].startswith("uv run --frozen pytest")
+    assert recipes["test"][1] == ".ci/promtool"
+    assert recipes["test"][2].startswith("uv run --frozen pytest")
     assert recipes["demo"][0] == ".ci/ensure uv rabbitmq"
     assert "uv" in (ROOT / ".ci" / "run").read_text().split(".ci/ensure ", 1)[1]
     bin_path = subprocess.run(  # noqa: S603 - the project's own script
