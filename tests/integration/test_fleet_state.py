@@ -7,9 +7,7 @@ has its own owner id and lease, and they meet only in Redis.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,42 +15,16 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.support.harness import command, isolated_settings
+from tests.support.fleet import TENANT, make_command, outcome
+from tests.support.harness import isolated_settings
 from tests.support.redis_server import spare_port, start_redis
 from worker.app import shared_state
-from worker.core.commands import Command, parse_command
 from worker.core.errors import SharedStateUnavailable
-from worker.core.outcomes import OutcomeEvent, accepted
 from worker.core.ports import ClaimVerdict
 from worker.fleet import RedisSharedState
 from worker.observability.metrics import Metrics
 
 pytestmark = pytest.mark.integration
-
-TENANT = "11111111-1111-1111-1111-111111111111"
-
-
-def make_command(key: str, call_id: str = "57dab8b1-894c-409a-b240-bd8beae78896") -> Command:
-    """A command whose id is a UUID named by `key`."""
-    command_id = str(uuid.uuid5(uuid.NAMESPACE_URL, key))
-    body = json.dumps(command(command_id=command_id, call_id=call_id)).encode()
-    return parse_command(
-        body, content_type="application/json", default_tenant_id=TENANT, max_bytes=65_536
-    )
-
-
-def outcome(cmd: Command) -> OutcomeEvent:
-    return accepted(
-        cmd,
-        operation_id="op",
-        operation_status="running",
-        location=None,
-        request_id="r",
-        client_request_id=cmd.command_id,
-        attempts=1,
-        duration_ms=1.0,
-        source="urn:test",
-    )
 
 
 @asynccontextmanager

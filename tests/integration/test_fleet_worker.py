@@ -6,16 +6,15 @@ it writes is what a second pod would write.
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import make_settings
+from tests.support.fleet import make_command
+from tests.support.fleet import outcome as accepted_event
 from tests.support.harness import TENANT_A, Broker, command, running_worker
-from worker.core.commands import Command, parse_command
-from worker.core.outcomes import accepted
 from worker.core.ports import ClaimVerdict
 from worker.devtools.simulator import SimulatorThread
 from worker.fleet import RedisSharedState
@@ -35,23 +34,15 @@ def other_process(url: str, prefix: str) -> RedisSharedState:
     )
 
 
-def as_command(body: dict[str, object]) -> Command:
-    return parse_command(
-        json.dumps(body).encode(),
-        content_type="application/json",
-        default_tenant_id=TENANT_A,
-        max_bytes=65_536,
-    )
-
-
 async def test_a_command_a_dead_process_was_sending_fails_as_ambiguous_without_a_second_call(
     broker: Broker, simulator: SimulatorThread, redis_server: str, redis_prefix: str
 ) -> None:
     settings = make_settings(simulator, REDIS_URL=redis_server, REDIS_KEY_PREFIX=redis_prefix)
-    body = command(command_id=str(uuid.uuid4()))
+    cmd = make_command(str(uuid.uuid4()), tenant_id=TENANT_A)
+    body = command(command_id=cmd.command_id)
     other = other_process(redis_server, redis_prefix)
     await other.start()
-    claim = await other.begin_send(as_command(body), take_orphaned=False)
+    claim = await other.begin_send(cmd, take_orphaned=False)
     assert claim.verdict is ClaimVerdict.GRANTED
     await other.close()  # the process dies: its lease goes with it
     async with running_worker(settings, broker) as (_, collector):
@@ -66,19 +57,9 @@ async def test_a_command_settled_unconfirmed_by_another_process_gets_that_event_
     broker: Broker, simulator: SimulatorThread, redis_server: str, redis_prefix: str
 ) -> None:
     settings = make_settings(simulator, REDIS_URL=redis_server, REDIS_KEY_PREFIX=redis_prefix)
-    body = command(command_id=str(uuid.uuid4()))
-    cmd = as_command(body)
-    event = accepted(
-        cmd,
-        operation_id="op-from-the-other-pod",
-        operation_status="running",
-        location=None,
-        request_id="r",
-        client_request_id=cmd.command_id,
-        attempts=1,
-        duration_ms=1.0,
-        source="urn:other-pod",
-    )
+    cmd = make_command(str(uuid.uuid4()), tenant_id=TENANT_A)
+    body = command(command_id=cmd.command_id)
+    event = accepted_event(cmd, operation_id="op-from-the-other-pod", source="urn:other-pod")
     other = other_process(redis_server, redis_prefix)
     await other.start()
     await other.begin_send(cmd, take_orphaned=False)

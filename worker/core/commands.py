@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -247,6 +247,8 @@ class Command:
     client_context: str
     participants: list[Any]
     deadline: datetime | None
+    #: `fingerprint()`, once computed: the settled memory and the fleet's records each ask.
+    _fingerprint: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> bytes:
         """16 bytes that differ for commands Graph would see differently.
@@ -255,13 +257,17 @@ class Command:
         the deadline is left out, so an upstream that re-publishes a command with a new
         deadline is not refused.
         """
-        canonical = json.dumps(
-            [self.call_id, self.tenant_id, self.client_context, self.participants],
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
-        return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).digest()[:16]
+        if self._fingerprint is None:
+            canonical = json.dumps(
+                [self.call_id, self.tenant_id, self.client_context, self.participants],
+                sort_keys=True,
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
+            digest = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).digest()[:16]
+            object.__setattr__(self, "_fingerprint", digest)
+            return digest
+        return self._fingerprint
 
 
 def parse_command(
