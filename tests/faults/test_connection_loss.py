@@ -107,7 +107,10 @@ async def test_a_worker_cut_from_the_broker_sends_nothing_for_the_commands_it_lo
     violations = books.check(
         max_calls={key: 2 if key in in_flight else 1 for key in books.sent},
         same_id_duplicates=scenario.settings.prefetch_count * 2,
-        new_id_duplicates=0,
+        # Without shared state, a command whose request was in flight at the first cut can end
+        # with two events: its redelivery's, published (but not acknowledged) just before the
+        # second cut, and the first worker's remembered one when it comes back there.
+        new_id_duplicates=len(in_flight),
         attempts_match_calls=False,
     )
     assert first.events("broker.connection_lost"), "the first worker's connection was not cut"
@@ -116,6 +119,10 @@ async def test_a_worker_cut_from_the_broker_sends_nothing_for_the_commands_it_lo
     assert set(twice) <= in_flight, (
         f"invited twice, not in flight at a cut: {set(twice) - in_flight}"
     )
+    two_events = {
+        key for key in books.sent if len({o.event_id for o in books.outcomes_for(key)}) > 1
+    }
+    assert two_events <= in_flight, f"two outcome events, not in flight at a cut: {two_events}"
     assert not violations
     assert abandoned, "no command was waiting when a connection was cut"
     assert {o.routing_key for o in books.outcomes} == {"invite.accepted"}

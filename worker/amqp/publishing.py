@@ -14,7 +14,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError
 
-from worker.amqp.bodies import DroppedBody, dropped_above
+from worker.amqp.bodies import DroppedBody
 from worker.amqp.topology import delay_bucket
 from worker.core.handler import Handled
 from worker.core.outcomes import OutcomeEvent
@@ -199,9 +199,7 @@ class Publisher:
         (`worker.amqp.bodies`): it goes through the broker's own dead-lettering (`x-death`
         says `rejected`; its outcome event says why), the broker holding it whole.
         """
-        if isinstance(message.body, DroppedBody) or len(message.body) > dropped_above(
-            self._settings.max_command_bytes
-        ):
+        if isinstance(message.body, DroppedBody):
             await message.nack(requeue=False)
             self._metrics.dead_lettered.inc("too_large")
             return

@@ -632,10 +632,9 @@ class InviteHandler:
                 answer = await self._sender.invite(request, token, on_sent)
             except GraphError as error:
                 self.metrics.graph_requests.inc(str(error.status or "none"), command.tenant_id)
-                if self._shared is not None:
-                    await self._after_shared_failure(
-                        self._shared, command, progress, error, written
-                    )
+                if isinstance(error, GraphRefused) and error.status == 429:
+                    await self._throttle(command, progress, error)
+                await self._release_unless_acted(command, progress, error, written)
                 raise
             except BaseException:
                 # Held back (lost delivery, deadline, budget) or a crash: free when nothing
@@ -678,27 +677,27 @@ class InviteHandler:
                 case ClaimVerdict.SETTLED:
                     _already_settled(command, claim.fingerprint, claim.event)
 
-    async def _after_shared_failure(
-        self,
-        shared: SharedState,
-        command: Command,
-        progress: _Progress,
-        error: GraphError,
-        written: bool,
+    async def _release_unless_acted(
+        self, command: Command, progress: _Progress, error: GraphError, written: bool
     ) -> None:
-        """Graph's refusal, told to the fleet: a 429 pauses the tenant on every process."""
-        if isinstance(error, GraphRefused) and error.status == 429:
-            retry_after = error.retry_after
-            await shared.throttle(
-                command.tenant_id,
-                retry_after if retry_after is not None else self.policy.backoff(progress.attempts),
-            )
+        """Free the fleet's record when Graph did not act on the request, or it never left."""
         if (
             not written
             or self.policy.graph_did_not_act(error)
             or (isinstance(error, GraphRefused) and error.status == 401)
         ):
             await self._release(command, progress, may_have_acted=False)
+
+    async def _throttle(self, command: Command, progress: _Progress, error: GraphRefused) -> None:
+        """A 429 pauses the tenant for its Retry-After (or a backoff), on every process."""
+        retry_after = error.retry_after
+        self.metrics.throttled.inc(command.tenant_id)
+        if retry_after is not None:
+            self.metrics.retry_after.inc(amount=retry_after)
+        wait = retry_after if retry_after is not None else self.policy.backoff(progress.attempts)
+        self._limits.for_tenant(command.tenant_id).throttle(wait)
+        if self._shared is not None:
+            await self._shared.throttle(command.tenant_id, wait)
 
     async def _release(
         self, command: Command, progress: _Progress, *, may_have_acted: bool
@@ -716,16 +715,8 @@ class InviteHandler:
             progress.token_failures += 1
         elif self.policy.graph_did_not_act(error):
             progress.throttled += 1
-        if isinstance(error, GraphRefused) and error.status == 429:
-            retry_after = error.retry_after
-            self.metrics.throttled.inc(command.tenant_id)
-            if retry_after is not None:
-                self.metrics.retry_after.inc(amount=retry_after)
-            wait = (
-                retry_after if retry_after is not None else self.policy.backoff(progress.attempts)
-            )
-            self._limits.for_tenant(command.tenant_id).throttle(wait)
-        elif isinstance(error, GraphUnreachable | GraphNoAnswer) or (
+        # A 429 throttled the tenant already, where it was answered (`_throttle`).
+        if isinstance(error, GraphUnreachable | GraphNoAnswer) or (
             isinstance(error, GraphRefused) and error.status in _OUTAGE_STATUSES
         ):
             self.circuit.record_failure()
