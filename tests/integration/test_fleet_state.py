@@ -98,7 +98,10 @@ async def test_a_settled_command_gives_every_process_its_unconfirmed_event_or_no
             await a.begin_send(cmd, take_orphaned=False)
         event = outcome(unconfirmed)
         await a.settle(unconfirmed, event, confirmed=False)
+        # As the worker does: settled before publishing, confirmed once the broker took it.
+        await a.settle(confirmed, outcome(confirmed), confirmed=False)
         await a.settle(confirmed, outcome(confirmed), confirmed=True)
+        await a.write_confirmations()
 
         replay = await b.begin_send(unconfirmed, take_orphaned=False)
         assert replay.verdict is ClaimVerdict.SETTLED
@@ -166,7 +169,7 @@ async def test_a_429_on_one_process_pauses_the_tenant_on_all_then_one_probe_goes
         # Until the probe is answered, nobody else is granted.
         held = await a.begin_send(make_command("after"), take_orphaned=False)
         assert held.verdict is ClaimVerdict.WAIT
-        await b.settle(probe, outcome(probe), confirmed=True)
+        await b.settle(probe, outcome(probe), confirmed=False)
         # Then the halved limit (5 of 10), growing back by one a second.
         granted = 0
         for index in range(10):
@@ -195,6 +198,7 @@ async def test_redis_away_sends_nothing_and_keeps_the_writes_until_it_answers_ag
                 await state.begin_send(make_command("new"), take_orphaned=False)
             assert not state.available
             await state.settle(cmd, outcome(cmd), confirmed=True)  # kept, not lost
+            await state.write_confirmations()
             server = start_redis(port, tmp_path)
             await _eventually(lambda: state.available, 10)
             assert changes == [False, True]

@@ -7,6 +7,7 @@ it writes is what a second pod would write.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -73,3 +74,35 @@ async def test_a_command_settled_unconfirmed_by_another_process_gets_that_event_
     assert outcome.routing_key == "invite.accepted"
     assert simulator.invites == []
     assert trips == 1
+
+
+async def test_an_outcome_is_in_the_shared_record_before_it_is_published(
+    broker: Broker, simulator: SimulatorThread, redis_server: str, redis_prefix: str
+) -> None:
+    """A process killed after publishing leaves the event to publish again, not a new one."""
+    settings = make_settings(simulator, REDIS_URL=redis_server, REDIS_KEY_PREFIX=redis_prefix)
+    reader = aioredis.Redis.from_url(redis_server, decode_responses=True)
+    seen: list[dict[Any, Any]] = []
+    async with running_worker(settings, broker) as (worker, collector):
+        publisher = worker.consumer._publisher
+        assert publisher is not None
+        publish_event = publisher.publish_event
+
+        async def publish_reading_the_record(event: Any, *args: Any, **kwargs: Any) -> bool:
+            seen.append(await reader.hgetall(f"{redis_prefix}cmd:{event.data.command_id}"))
+            return await publish_event(event, *args, **kwargs)
+
+        publisher.publish_event = publish_reading_the_record  # type: ignore[method-assign]
+        command_id = str(uuid.uuid4())
+        await broker.publish(settings, command(command_id=command_id))
+        [outcome] = await collector.wait_for(1)
+        shared = worker.shared
+        assert shared is not None
+        await shared.write_confirmations()
+        confirmed = await reader.hgetall(f"{redis_prefix}cmd:{command_id}")
+    await reader.aclose()
+    [record] = seen
+    assert record["state"] == "settled"
+    assert f'"id":"{outcome.event_id}"' in record["event"]
+    # Once the broker confirmed it, nothing is left to publish again.
+    assert (confirmed["state"], confirmed["event"]) == ("settled", "")

@@ -384,12 +384,15 @@ class CommandConsumer:
         if handled.retry_in is not None:
             confirmed = await publisher.publish_retry(message, handled)
         elif event is not None:
+            if handled.command is not None:
+                # Remembered before it is published: if this process dies after publishing
+                # and before the acknowledgement, the redelivery publishes this same event
+                # again (its id unchanged) instead of calling Graph or failing it anew.
+                await self._handler.remember_outcome(handled.command, event, confirmed=False)
             correlation, fallback = correlation_id(handled, message.message_id)
             confirmed = await publisher.publish_event(event, correlation, fallback=fallback)
-            if handled.command is not None:
-                # Remembered before the acknowledgement: if that is lost, the redelivery
-                # is recognised and not sent to Graph again.
-                await self._handler.remember_outcome(handled.command, event, confirmed=confirmed)
+            if handled.command is not None and confirmed:
+                await self._handler.remember_outcome(handled.command, event, confirmed=True)
         settlement = settlement_for(
             event.kind if event is not None else None,
             confirmed=confirmed,

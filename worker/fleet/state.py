@@ -19,9 +19,16 @@ reduced limit that grows back after it, and the one probe request allowed before
 
 Everything that must be atomic is one Lua script run by Redis, with Redis's own clock, so
 the pods' clocks need not agree. On the happy path a command costs two round trips: the claim
-with its grant (`begin_send`), then `settle`. A grant is stamped when it is taken, right
-before the request is written; a request written later than the window's margin after its
-grant (a new connection) is not re-stamped, which the margin is there to absorb.
+with its grant (`begin_send`), then `settle` with the outcome event, written *before* the event
+is published, so that a process killed between the broker's confirmation and the
+acknowledgement leaves a record whose redelivery publishes the same event again, not an
+ambiguous second one. The confirmation that follows (`settle(..., confirmed=True)`) only
+empties the remembered event; those writes are coalesced, one script call for all the
+confirmations that arrived while the previous one was on its way. A grant is stamped when it
+is taken, right before the request is written; a request written later than the window's
+margin after its grant (a new connection) is not re-stamped, which the margin absorbs: 60 ms,
+wider than the single process's 20 ms, because the grant comes a Redis reply and a turn of
+the event loop before the write, a gap measured at up to 80 ms on a busy two-core node.
 
 When Redis does not answer, `begin_send` raises `SharedStateUnavailable` (nothing is sent
 without a record) and the process reports itself unavailable until its lease renews again;
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import uuid
@@ -50,6 +58,9 @@ from worker.core.ports import ClaimVerdict, SendClaim
 from worker.observability.metrics import Metrics
 
 log = structlog.get_logger("worker.fleet")
+
+#: The most confirmations one script call writes.
+_CONFIRM_BATCH = 256
 
 #: The limit in force after a 429: the halved limit, grown back by a tenth of the configured
 #: limit per second since the pause ended (as `worker.core.ratelimit` does in one process).
@@ -140,6 +151,25 @@ return paused - now
 """
 )
 
+#: KEYS: record, tenant state, ... (pairs). ARGV: ttl ms, then fingerprint and command id per
+#: pair. The outcomes were published: settled, with no event left to publish again.
+_CONFIRM = """
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS, 2 do
+  local fp, id = ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HGET', KEYS[i + 1], 'probe') == id then
+    redis.call('HDEL', KEYS[i + 1], 'probe', 'probe_until')
+  end
+  local record = redis.call('HMGET', KEYS[i], 'state', 'fp')
+  if record[1] ~= 'settled' or record[2] == fp then
+    redis.call('HSET', KEYS[i], 'state', 'settled', 'fp', fp, 'event', '')
+    redis.call('HDEL', KEYS[i], 'owner')
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return 1
+"""
+
 #: KEYS: record, tenant state. ARGV: fingerprint, event ('' when confirmed), ttl ms, command id.
 _SETTLE = """
 if redis.call('HGET', KEYS[2], 'probe') == ARGV[4] then
@@ -172,7 +202,7 @@ class RedisSharedState:
         idempotency_ttl: float,
         lease: float,
         probe_timeout: float,
-        margin: float = 0.02,
+        margin: float = 0.06,
         metrics: Metrics | None = None,
         owner: str | None = None,
     ) -> None:
@@ -191,6 +221,10 @@ class RedisSharedState:
         self._release = client.register_script(_RELEASE)
         self._throttle = client.register_script(_THROTTLE)
         self._settle = client.register_script(_SETTLE)
+        self._confirm = client.register_script(_CONFIRM)
+        #: Confirmations not yet written (keys and arguments), and the task writing them.
+        self._confirming: list[tuple[str, str, str, str]] = []
+        self._confirmer: asyncio.Task[None] | None = None
         self._available = False
         self._callbacks: list[Callable[[bool], None]] = []
         #: Writes that failed, written in order once Redis answers again.
@@ -210,6 +244,7 @@ class RedisSharedState:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
+        await self.write_confirmations()
         with contextlib.suppress(RedisError, OSError):
             await self._flush()
             await self._redis.delete(self._owner_key)
@@ -332,14 +367,36 @@ class RedisSharedState:
         await self._write("throttle", lambda: self._throttle(keys=[state], args=args))
 
     async def settle(self, command: Command, event: OutcomeEvent, *, confirmed: bool) -> None:
+        """Unconfirmed: written now, with the event. Confirmed: queued, written coalesced."""
         record, _, state = self._keys(command)
+        if confirmed:
+            self._confirming.append(
+                (record, state, command.fingerprint().hex(), command.command_id)
+            )
+            if self._confirmer is None or self._confirmer.done():
+                self._confirmer = asyncio.get_running_loop().create_task(self._write_confirms())
+            return
         args: list[str | int] = [
             command.fingerprint().hex(),
-            "" if confirmed else event.to_json().decode(),
+            event.to_json().decode(),
             self._ttl_ms,
             command.command_id,
         ]
         await self._write("settle", lambda: self._settle(keys=[record, state], args=args))
+
+    async def write_confirmations(self) -> None:
+        """Wait until every confirmation so far was written (or kept for when Redis is back)."""
+        while self._confirmer is not None and not self._confirmer.done():
+            await asyncio.shield(self._confirmer)
+
+    async def _write_confirms(self) -> None:
+        while self._confirming:
+            batch = self._confirming[:_CONFIRM_BATCH]
+            del self._confirming[:_CONFIRM_BATCH]
+            keys = [key for record, state, _, _ in batch for key in (record, state)]
+            args: list[str | int] = [self._ttl_ms]
+            args += [arg for _, _, fp, command_id in batch for arg in (fp, command_id)]
+            await self._write("confirm", functools.partial(self._confirm, keys=keys, args=args))
 
     @staticmethod
     def _ms(seconds: float) -> int:
