@@ -106,3 +106,30 @@ async def test_an_outcome_is_in_the_shared_record_before_it_is_published(
     assert f'"id":"{outcome.event_id}"' in record["event"]
     # Once the broker confirmed it, nothing is left to publish again.
     assert (confirmed["state"], confirmed["event"]) == ("settled", "")
+
+
+async def test_an_accepted_command_costs_two_round_trips_its_confirmation_none_of_its_own(
+    broker: Broker, simulator: SimulatorThread, redis_server: str, redis_prefix: str
+) -> None:
+    """The claim with its grant, and the settle; the next script carries the confirmation."""
+    settings = make_settings(simulator, REDIS_URL=redis_server, REDIS_KEY_PREFIX=redis_prefix)
+    commands = 40
+    async with running_worker(settings, broker) as (worker, collector):
+        for _ in range(commands):
+            await broker.publish(settings, command(command_id=str(uuid.uuid4())))
+        outcomes = await collector.wait_for(commands)
+        shared = worker.shared
+        assert shared is not None
+        trips = {
+            operation: worker.metrics.redis_round_trips.value(operation)
+            for operation in ("begin_send", "settle", "confirm", "release", "throttle")
+        }
+        # What no later command carried (the last ones) is written by the next lease renewal,
+        # or now, on request.
+        await shared.write_confirmations()
+        left = worker.metrics.redis_round_trips.value("confirm")
+    print(f"\nredis round trips for {commands} accepted commands: {trips}")
+    assert {outcome.routing_key for outcome in outcomes} == {"invite.accepted"}
+    assert (trips["begin_send"], trips["settle"]) == (commands, commands)
+    assert trips["release"] == trips["throttle"] == trips["confirm"] == 0
+    assert left == 1

@@ -23,12 +23,15 @@ with its grant (`begin_send`), then `settle` with the outcome event, written *be
 is published, so that a process killed between the broker's confirmation and the
 acknowledgement leaves a record whose redelivery publishes the same event again, not an
 ambiguous second one. The confirmation that follows (`settle(..., confirmed=True)`) only
-empties the remembered event; those writes are coalesced, one script call for all the
-confirmations that arrived while the previous one was on its way. A grant is stamped when it
-is taken, right before the request is written; a request written later than the window's
-margin after its grant (a new connection) is not re-stamped, which the margin absorbs: 60 ms,
-wider than the single process's 20 ms, because the grant comes a Redis reply and a turn of
-the event loop before the write, a gap measured at up to 80 ms on a busy two-core node.
+empties the remembered event, and costs no round trip of its own: the next `begin_send` or
+`settle` script carries the confirmations that came in since the last one, and the lease
+renewal writes those that no command carried (an idle process, at most a third of
+`REDIS_LEASE` later; until then a redelivery publishes the same event again). A grant is
+stamped when it is taken, right before the request is written; a request written later than
+the window's margin after its grant (a new connection) is not re-stamped, which the margin
+absorbs: 60 ms, wider than the single process's 20 ms, because the grant comes a Redis reply
+and a turn of the event loop before the write, a gap measured at up to 80 ms on a busy
+two-core node.
 
 When Redis does not answer, `begin_send` raises `SharedStateUnavailable` (nothing is sent
 without a record) and the process reports itself unavailable until its lease renews again;
@@ -82,11 +85,39 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-#: KEYS: record, window, tenant state. ARGV: owner, fingerprint, limit, span ms, ttl ms,
-#: grant member, owner key prefix, take orphaned (1/0), probe ms, command id.
+#: Marks published outcomes confirmed: settled, with no event left to publish again. Pairs of
+#: KEYS (record, tenant state) from `first_key`; ARGV from `first_arg`: ttl ms, then the
+#: fingerprint and command id of each pair. Every script that writes runs it for the
+#: confirmations that came in since the last write, so that they cost no round trip of their own.
+_CONFIRM_PAIRS = """
+local function confirm(first_key, first_arg)
+  local ttl = tonumber(ARGV[first_arg])
+  for i = first_key, #KEYS, 2 do
+    local fp, id = ARGV[first_arg + 1 + i - first_key], ARGV[first_arg + 2 + i - first_key]
+    if redis.call('HGET', KEYS[i + 1], 'probe') == id then
+      redis.call('HDEL', KEYS[i + 1], 'probe', 'probe_until')
+    end
+    local record = redis.call('HMGET', KEYS[i], 'state', 'fp')
+    if record[1] ~= 'settled' or record[2] == fp then
+      redis.call('HSET', KEYS[i], 'state', 'settled', 'fp', fp, 'event', '')
+      redis.call('HDEL', KEYS[i], 'owner')
+      redis.call('PEXPIRE', KEYS[i], ttl)
+    end
+  end
+end
+"""
+
+#: KEYS and ARGV: the confirmations' pairs only.
+_CONFIRM = _CONFIRM_PAIRS + "confirm(1, 1)\nreturn 1\n"
+
+#: KEYS: record, window, tenant state, then confirmations' pairs. ARGV: owner, fingerprint,
+#: limit, span ms, ttl ms, grant member, owner key prefix, take orphaned (1/0), probe ms,
+#: command id, then the confirmations' ttl and pairs.
 _BEGIN_SEND = (
     _CURRENT_LIMIT
+    + _CONFIRM_PAIRS
     + """
+confirm(4, 11)
 local record = redis.call('HMGET', KEYS[1], 'state', 'owner', 'fp', 'event')
 local state, holder = record[1], record[2]
 if state == 'settled' then return {'settled', 0, record[3] or '', record[4] or ''} end
@@ -151,27 +182,12 @@ return paused - now
 """
 )
 
-#: KEYS: record, tenant state, ... (pairs). ARGV: ttl ms, then fingerprint and command id per
-#: pair. The outcomes were published: settled, with no event left to publish again.
-_CONFIRM = """
-local ttl = tonumber(ARGV[1])
-for i = 1, #KEYS, 2 do
-  local fp, id = ARGV[i + 1], ARGV[i + 2]
-  if redis.call('HGET', KEYS[i + 1], 'probe') == id then
-    redis.call('HDEL', KEYS[i + 1], 'probe', 'probe_until')
-  end
-  local record = redis.call('HMGET', KEYS[i], 'state', 'fp')
-  if record[1] ~= 'settled' or record[2] == fp then
-    redis.call('HSET', KEYS[i], 'state', 'settled', 'fp', fp, 'event', '')
-    redis.call('HDEL', KEYS[i], 'owner')
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
-return 1
-"""
-
-#: KEYS: record, tenant state. ARGV: fingerprint, event ('' when confirmed), ttl ms, command id.
-_SETTLE = """
+#: KEYS: record, tenant state, then confirmations' pairs. ARGV: fingerprint, event, ttl ms,
+#: command id, then the confirmations' ttl and pairs.
+_SETTLE = (
+    _CONFIRM_PAIRS
+    + """
+confirm(3, 5)
 if redis.call('HGET', KEYS[2], 'probe') == ARGV[4] then
   redis.call('HDEL', KEYS[2], 'probe', 'probe_until')
 end
@@ -182,6 +198,7 @@ redis.call('HDEL', KEYS[1], 'owner')
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
+)
 
 
 def process_id() -> str:
@@ -222,9 +239,9 @@ class RedisSharedState:
         self._throttle = client.register_script(_THROTTLE)
         self._settle = client.register_script(_SETTLE)
         self._confirm = client.register_script(_CONFIRM)
-        #: Confirmations not yet written (keys and arguments), and the task writing them.
+        #: Confirmations not yet written (record, tenant state, fingerprint, command id): the
+        #: next script call carries them, or the lease renewal when none comes before it.
         self._confirming: list[tuple[str, str, str, str]] = []
-        self._confirmer: asyncio.Task[None] | None = None
         self._available = False
         self._callbacks: list[Callable[[bool], None]] = []
         #: Writes that failed, written in order once Redis answers again.
@@ -261,6 +278,7 @@ class RedisSharedState:
             await self._call(
                 "lease", self._redis.set(self._owner_key, "1", px=self._ms(self._lease))
             )
+            self._queue_confirms()
             await self._flush()
         except SharedStateUnavailable:
             raise
@@ -321,13 +339,50 @@ class RedisSharedState:
         tenant = f"{self._prefix}tenant:{command.tenant_id}"
         return f"{self._prefix}cmd:{command.command_id}", f"{tenant}:window", f"{tenant}:state"
 
+    def _take_confirms(self) -> tuple[list[tuple[str, str, str, str]], list[str], list[str | int]]:
+        """Confirmations for the next script call to carry: them, their keys and arguments."""
+        batch = self._confirming[:_CONFIRM_BATCH]
+        del self._confirming[:_CONFIRM_BATCH]
+        keys = [key for record, state, _, _ in batch for key in (record, state)]
+        args: list[str | int] = [self._ttl_ms]
+        args += [arg for _, _, fp, command_id in batch for arg in (fp, command_id)]
+        return batch, keys, args
+
     async def begin_send(self, command: Command, *, take_orphaned: bool) -> SendClaim:
         record, window, state = self._keys(command)
         self._grants += 1
-        reply = await self._call(
+        # Writes kept while Redis was away go first: confirmations ride along only after them.
+        carried, confirm_keys, confirm_args = (
+            self._take_confirms() if not self._pending else ([], [], [self._ttl_ms])
+        )
+        try:
+            reply = await self._begin_send_call(
+                command, take_orphaned, [record, window, state, *confirm_keys], confirm_args
+            )
+        except SharedStateUnavailable:
+            self._confirming[:0] = carried
+            raise
+        verdict = ClaimVerdict(_text(reply[0]))
+        if verdict is ClaimVerdict.SETTLED:
+            event = _text(reply[3])
+            return SendClaim(
+                verdict,
+                fingerprint=bytes.fromhex(_text(reply[2])),
+                event=OutcomeEvent.model_validate_json(event) if event else None,
+            )
+        return SendClaim(verdict, wait=max(0, int(reply[1])) / 1000)
+
+    async def _begin_send_call(
+        self,
+        command: Command,
+        take_orphaned: bool,
+        keys: list[str],
+        confirm_args: list[str | int],
+    ) -> Any:
+        return await self._call(
             "begin_send",
             self._begin_send(
-                keys=[record, window, state],
+                keys=keys,
                 args=[
                     self.owner,
                     command.fingerprint().hex(),
@@ -339,18 +394,10 @@ class RedisSharedState:
                     "1" if take_orphaned else "0",
                     self._probe_ms,
                     command.command_id,
+                    *confirm_args,
                 ],
             ),
         )
-        verdict = ClaimVerdict(_text(reply[0]))
-        if verdict is ClaimVerdict.SETTLED:
-            event = _text(reply[3])
-            return SendClaim(
-                verdict,
-                fingerprint=bytes.fromhex(_text(reply[2])),
-                event=OutcomeEvent.model_validate_json(event) if event else None,
-            )
-        return SendClaim(verdict, wait=max(0, int(reply[1])) / 1000)
 
     async def release(self, command: Command, *, may_have_acted: bool) -> None:
         record, _, state = self._keys(command)
@@ -367,36 +414,38 @@ class RedisSharedState:
         await self._write("throttle", lambda: self._throttle(keys=[state], args=args))
 
     async def settle(self, command: Command, event: OutcomeEvent, *, confirmed: bool) -> None:
-        """Unconfirmed: written now, with the event. Confirmed: queued, written coalesced."""
+        """Unconfirmed: written now, with the event. Confirmed: carried by the next write."""
         record, _, state = self._keys(command)
         if confirmed:
             self._confirming.append(
                 (record, state, command.fingerprint().hex(), command.command_id)
             )
-            if self._confirmer is None or self._confirmer.done():
-                self._confirmer = asyncio.get_running_loop().create_task(self._write_confirms())
             return
+        _, confirm_keys, confirm_args = self._take_confirms()
+        keys = [record, state, *confirm_keys]
         args: list[str | int] = [
             command.fingerprint().hex(),
             event.to_json().decode(),
             self._ttl_ms,
             command.command_id,
+            *confirm_args,
         ]
-        await self._write("settle", lambda: self._settle(keys=[record, state], args=args))
+        await self._write("settle", functools.partial(self._settle, keys=keys, args=args))
+
+    def _queue_confirms(self) -> None:
+        """The confirmations no write carried, as writes of their own after the kept ones."""
+        while self._confirming:
+            _, keys, args = self._take_confirms()
+            write = functools.partial(self._confirm, keys=keys, args=args)
+            self._pending.append(("confirm", write))
 
     async def write_confirmations(self) -> None:
-        """Wait until every confirmation so far was written (or kept for when Redis is back)."""
-        while self._confirmer is not None and not self._confirmer.done():
-            await asyncio.shield(self._confirmer)
-
-    async def _write_confirms(self) -> None:
-        while self._confirming:
-            batch = self._confirming[:_CONFIRM_BATCH]
-            del self._confirming[:_CONFIRM_BATCH]
-            keys = [key for record, state, _, _ in batch for key in (record, state)]
-            args: list[str | int] = [self._ttl_ms]
-            args += [arg for _, _, fp, command_id in batch for arg in (fp, command_id)]
-            await self._write("confirm", functools.partial(self._confirm, keys=keys, args=args))
+        """Write every confirmation so far now (or keep them for when Redis is back)."""
+        self._queue_confirms()
+        try:
+            await self._flush()
+        except (RedisError, OSError) as exc:
+            self._went_away("flush", exc)
 
     @staticmethod
     def _ms(seconds: float) -> int:
