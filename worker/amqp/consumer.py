@@ -28,7 +28,6 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPError
 from aiormq.abc import AbstractChannel as UnderlayChannel
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Tracer
 
 from worker.amqp.bodies import body_size
@@ -358,14 +357,7 @@ class CommandConsumer:
         # The command's span lives as long as its handling, in this task, not as long as
         # aio-pika's callback (which returns once this task has started). Its parent is the
         # context the message carries; without one (or with a malformed one) a new trace.
-        headers = message.headers or {}
-        with traced(
-            self._tracer,
-            self._process_span,
-            kind=SpanKind.CONSUMER,
-            context=tracing.extract(headers) or Context(),
-            links=tracing.link_to_previous(headers),
-        ) as span:
+        with tracing.consumed(self._tracer, self._process_span, message.headers) as span:
             ids = tracing.log_ids(span.get_span_context())
             if ids:
                 # This task's context only: every line logged while handling it joins the trace.

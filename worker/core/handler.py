@@ -56,7 +56,8 @@ from worker.core.retry import AMBIGUOUS_STATUSES, RetryPolicy
 from worker.core.settled import SettledCommands
 from worker.core.slots import FairSlots
 from worker.observability.metrics import Metrics
-from worker.observability.tracing import NO_TRACER, fail, traced
+from worker.observability.tracing import NO_TRACER, fail, started, traced
+from worker.observability.tracing import span as span_of
 
 #: A second delivery of a command that is still being handled comes back after this long,
 #: by when the first has usually settled and the second is acknowledged as a duplicate.
@@ -632,7 +633,7 @@ class InviteHandler:
         owner.check()
         limiter = self._limits.for_tenant(command.tenant_id)
         # From asking for an in-flight slot to holding the tenant's grant (or the fleet's claim).
-        wait = self._tracer.start_span("invite.wait", attributes=tenant)
+        wait = started(self._tracer, "invite.wait", attributes=tenant)
         waiting = True
         try:
             async with self.slots.slot(command.tenant_id, owner):
@@ -710,12 +711,7 @@ class InviteHandler:
         self, request: InviteRequest, token: str, on_sent: Callable[[], None], attempt: int
     ) -> GraphAccepted:
         """The request in a client span (HTTP semantic conventions), with Graph's ids."""
-        with self._tracer.start_as_current_span(
-            self._graph_span_name,
-            kind=SpanKind.CLIENT,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+        with span_of(self._tracer, self._graph_span_name, kind=SpanKind.CLIENT) as span:
             if span.is_recording():
                 span.set_attributes(self._graph_attributes)
                 span.set_attributes(

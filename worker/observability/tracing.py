@@ -126,7 +126,35 @@ def fail(span: Span, error_type: str, description: str | None = None) -> None:
     span.set_status(Status(StatusCode.ERROR, description or error_type))
 
 
-@contextlib.contextmanager
+#: What every span helper gives with the no-op tracer and no context to carry: nothing to do.
+_NO_SPAN: contextlib.nullcontext[Span] = contextlib.nullcontext(trace.INVALID_SPAN)
+
+
+def span(
+    tracer: Tracer,
+    name: str,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, AttributeValue] | None = None,
+    context: Context | None = None,
+    links: Sequence[Link] | None = None,
+) -> contextlib.AbstractContextManager[Span]:
+    """A current span whose errors the caller records (`fail`); nothing at all when tracing
+    is off and there is no `context` to carry (the no-op tracer's spans would only repeat
+    the current one)."""
+    if tracer is NO_TRACER and context is None:
+        return _NO_SPAN
+    return tracer.start_as_current_span(
+        name,
+        context=context,
+        kind=kind,
+        attributes=attributes,
+        links=links,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
 def traced(
     tracer: Tracer,
     name: str,
@@ -135,22 +163,50 @@ def traced(
     attributes: Mapping[str, AttributeValue] | None = None,
     context: Context | None = None,
     links: Sequence[Link] | None = None,
-) -> Iterator[Span]:
+) -> contextlib.AbstractContextManager[Span]:
     """A current span; an exception marks it failed by its type alone, never its message."""
-    with tracer.start_as_current_span(
-        name,
-        context=context,
-        kind=kind,
-        attributes=attributes,
-        links=links,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
+    if tracer is NO_TRACER and context is None:
+        return _NO_SPAN
+    return _failing(
+        span(tracer, name, kind=kind, attributes=attributes, context=context, links=links)
+    )
+
+
+@contextlib.contextmanager
+def _failing(opened: contextlib.AbstractContextManager[Span]) -> Iterator[Span]:
+    with opened as current:
         try:
-            yield span
+            yield current
         except BaseException as exc:
-            fail(span, type(exc).__name__)
+            fail(current, type(exc).__name__)
             raise
+
+
+def consumed(
+    tracer: Tracer, name: str, headers: Mapping[str, Any] | None
+) -> contextlib.AbstractContextManager[Span]:
+    """The span of a consumed message: a child of the context its headers carry, linked to
+    the attempt that delayed it; without a context, the root of a new trace."""
+    parent = extract(headers)
+    if parent is None and tracer is NO_TRACER:
+        return _NO_SPAN
+    return traced(
+        tracer,
+        name,
+        kind=SpanKind.CONSUMER,
+        # An empty context, not the current one: nothing but the message names the parent.
+        context=parent or Context(),
+        links=link_to_previous(headers),
+    )
+
+
+def started(
+    tracer: Tracer, name: str, *, attributes: Mapping[str, AttributeValue] | None = None
+) -> Span:
+    """A span, not made current, that the caller ends; the invalid span when tracing is off."""
+    if tracer is NO_TRACER:
+        return trace.INVALID_SPAN
+    return tracer.start_span(name, attributes=attributes)
 
 
 @dataclass
