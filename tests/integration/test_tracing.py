@@ -202,12 +202,18 @@ async def test_a_failed_invite_is_span_status_and_event_without_participants(
                 message_id=command_id,
             )
             [outcome] = await collector.wait_for(1)
-        process = one(receiver.named(f"{settings.command_queue} process"))
+            # A rejected command whose ids are the number: echoed as they came, masked.
+            await broker.publish(settings, command(command_id=phone), message_id=phone)
+            _, rejected = await collector.wait_for(2)
+        process, _ = sorted(
+            receiver.named(f"{settings.command_queue} process"), key=lambda s: s.start_ns
+        )
         graph = one([s for s in receiver.spans if s.kind == "CLIENT"])
         spans = list(receiver.spans)
 
     assert isinstance(outcome, Outcome)
     assert outcome.routing_key == "invite.failed"
+    assert rejected.routing_key == "invite.rejected"
     assert (process.status, process.status_message) == ("ERROR", "graph_refused")
     [(name, details)] = process.events
     assert name == "invite.failed"

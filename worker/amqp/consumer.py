@@ -58,6 +58,7 @@ from worker.core.ownership import Ownership
 from worker.core.retry import MAX_RETRY_AFTER
 from worker.core.settlement import Settlement, settlement_for
 from worker.observability import tracing
+from worker.observability.logs import redact
 from worker.observability.metrics import Metrics
 from worker.observability.tracing import NO_TRACER, fail, traced
 from worker.settings import Settings
@@ -379,7 +380,7 @@ class CommandConsumer:
         if message.delivery_tag is not None:
             attributes["messaging.rabbitmq.message.delivery_tag"] = message.delivery_tag
         if message.message_id and fits_shortstr(message.message_id):
-            attributes["messaging.message.id"] = message.message_id
+            attributes["messaging.message.id"] = redact(message.message_id)
         return attributes
 
     async def _process_in_span(
@@ -456,7 +457,7 @@ class CommandConsumer:
                         }
                     )
                     if correlation is not None:
-                        span.set_attribute("messaging.message.conversation_id", correlation)
+                        span.set_attribute("messaging.message.conversation_id", redact(correlation))
                 # The outcome carries the trace on: its headers name this span.
                 confirmed = await publisher.publish_event(
                     event, correlation, fallback=fallback, trace=tracing.current_headers()
@@ -608,10 +609,11 @@ def _annotate(span: Span, handled: Handled, settlement: Settlement) -> None:
         "invite.settlement": settlement.value,
         "invite.attempts": handled.attempts,
     }
+    # A rejected command's ids are echoed as they came: masked like a log line's.
     if command_id is not None and fits_shortstr(command_id):
-        attributes["messaging.message.conversation_id"] = command_id
+        attributes["messaging.message.conversation_id"] = redact(command_id)
     if tenant_id is not None and fits_shortstr(tenant_id):
-        attributes["invite.tenant_id"] = tenant_id
+        attributes["invite.tenant_id"] = redact(tenant_id)
     if command is not None:
         attributes["invite.call_id"] = command.call_id
     for flag in ("duplicate", "replayed", "poison"):
