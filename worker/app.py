@@ -260,9 +260,8 @@ class Worker:
             await self.shared.close()
         if self.health is not None:
             await self.health.stop()
-        if self._owns_tracing:
-            # Exports the spans still batched (the exporter's timeout bounds it).
-            await asyncio.to_thread(self.tracing.shutdown)
+        if self._owns_tracing and not await asyncio.to_thread(self.tracing.shutdown):
+            log.warning("tracing.flush_timed_out", within=tracing.FLUSH_SECONDS)
         log.info("worker.stopped", unsettled_handed_back=left)
 
 

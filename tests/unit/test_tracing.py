@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -233,3 +234,20 @@ def test_the_traces_url_is_the_signal_endpoint_or_v1_traces_under_the_base() -> 
 def test_a_protocol_that_is_not_installed_is_an_invalid_setting() -> None:
     with pytest.raises(ValidationError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
         isolated_settings({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+
+
+def test_a_collector_that_never_answers_delays_the_stop_no_longer_than_the_bound() -> None:
+    """The last spans' export is waited for, within a bound: the exit never hangs on it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # connections are queued, never answered
+        port = silent.getsockname()[1]
+        traces = tracing.configure(
+            enabled=True,
+            service_name="s",
+            version="v",
+            endpoint=f"http://127.0.0.1:{port}/v1/traces",
+        )
+        with traces.tracer.start_as_current_span("command"):
+            pass
+        assert traces.shutdown(within=0.2) is False

@@ -18,6 +18,7 @@ what a span must never hold (Graph's error text may echo a participant).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,8 @@ TRACESTATE = "tracestate"
 #: On a delayed-retry copy: the `traceparent` of the attempt that published it, which the
 #: next attempt's span links to (the copy's own `traceparent` stays the command's parent).
 PREVIOUS_ATTEMPT_HEADER = "x-invite-previous-attempt"
+#: Seconds a stopping worker waits for its last spans to be exported.
+FLUSH_SECONDS = 5.0
 #: Longer header values are not read: W3C's own limit for `traceparent` is far below this.
 _MAX_HEADER = 512
 
@@ -220,10 +223,23 @@ class Tracing:
     def enabled(self) -> bool:
         return self.provider is not None
 
-    def shutdown(self) -> None:
-        """Export what is still batched, then stop (blocking: run it off the event loop)."""
-        if self.provider is not None:
-            self.provider.shutdown()
+    def shutdown(self, within: float = FLUSH_SECONDS) -> bool:
+        """Export what is still batched, then stop; False when that took over `within` seconds.
+
+        Blocking (run it off the event loop). The export goes on in a daemon thread, which
+        an unreachable collector cannot make hold the process's exit.
+        """
+        provider = self.provider
+        if provider is None:
+            return True
+        done = threading.Event()
+
+        def shut_down() -> None:
+            provider.shutdown()
+            done.set()
+
+        threading.Thread(target=shut_down, name="tracing-shutdown", daemon=True).start()
+        return done.wait(within)
 
 
 def configure(
