@@ -11,6 +11,11 @@ getter here is the only part written by hand, because no library reads aio-pika'
 tables, whose values arrive as `str` or `bytes` (and, from an untrusted publisher, as anything).
 A malformed `traceparent` is ignored: the command starts a trace of its own.
 
+The instrumentation libraries are not used: aio-pika's would end the consume span when its
+callback returns, which the consumer makes as soon as the command's own task has started, and
+the spans of the Graph request want the handler's attempt count and Graph's ids. The command's
+span is opened where the command is handled (`worker.amqp.consumer`).
+
 `traced` opens a span that records an error by its type only: exception messages can carry
 what a span must never hold (Graph's error text may echo a participant).
 """
