@@ -190,6 +190,9 @@ class Bench:
             "HEALTH_PORT": "0",
         }
         env.pop("AZURE_CLIENT_CERTIFICATE_PATH", None)
+        # Tracing only where the run asks for it (the tracing scenario), whatever the shell has.
+        for name in [name for name in env if name.startswith("OTEL_")]:
+            del env[name]
         # Redis mode only where the run asks for it, whatever the shell running this has set.
         env.pop("REDIS_URL", None)
         env.pop("REDIS_KEY_PREFIX", None)

@@ -81,11 +81,57 @@ class Startup:
 
 
 @dataclass(frozen=True)
+class TracedRun:
+    sampler_ratio: float | None
+    """OTEL_TRACES_SAMPLER_ARG of parentbased_traceidratio; None: tracing off (no exporter)."""
+    run: RunResult
+    spans: int
+    """Spans the OTLP receiver got from this run."""
+
+
+@dataclass(frozen=True)
+class TracingCost:
+    runs: list[TracedRun]
+    """Off, ratio 1.0, ratio 0.1, then the same in reverse: a drift weighs on each alike."""
+    rates: dict[str, float]
+    """Mean throughput by setting ("off", "1.0", "0.1")."""
+    cpu_per_1000: dict[str, float]
+    """Mean CPU seconds per 1,000 commands by setting."""
+    noop_us_per_command: float
+    """The no-op tracer's calls for one command, CPU microseconds (`benchmarks.noop_tracing`)."""
+    noop_traceparent_us_per_command: float
+    """The same for a command that carries a traceparent (read, and carried to its outcome)."""
+
+    @classmethod
+    def of(cls, runs: list[TracedRun], noop: float, noop_traced: float) -> TracingCost:
+        settings = {_setting(r.sampler_ratio) for r in runs}
+        rates = {
+            k: statistics.mean(
+                r.run.cmds_per_second for r in runs if _setting(r.sampler_ratio) == k
+            )
+            for k in settings
+        }
+        cpu = {
+            k: statistics.mean(
+                r.run.cpu_seconds_per_1000 for r in runs if _setting(r.sampler_ratio) == k
+            )
+            for k in settings
+        }
+        return cls(runs, rates, cpu, noop * 1e6, noop_traced * 1e6)
+
+
+def _setting(ratio: float | None) -> str:
+    return "off" if ratio is None else f"{ratio:.1f}"
+
+
+@dataclass(frozen=True)
 class Failed:
     error: str
 
 
-ScenarioResult = Saturation | RedisMode | Realistic | RateBound | Backlog | Startup | Failed
+ScenarioResult = (
+    Saturation | RedisMode | Realistic | RateBound | Backlog | Startup | TracingCost | Failed
+)
 
 
 @dataclass(frozen=True)
@@ -249,8 +295,43 @@ def _rows(name: str, result: ScenarioResult) -> list[str]:  # noqa: PLR0911 - on
             each = ", ".join(f"{s:.2f}" for s in seconds)
             note = f"start → ready: median {median:.2f} s, max {worst:.2f} s ({each})"
             return [_row(f"start-up: {len(seconds)} starts", "worker", *[""] * 8, note)]
+        case TracingCost(runs=runs, rates=rates):
+            return _tracing_rows(result, runs, rates["off"])
         case Failed(error=error):
             return [_row(name, "-", *[""] * 8, f"ERROR: {error}")]
+
+
+def _tracing_rows(result: TracingCost, runs: list[TracedRun], off: float) -> list[str]:
+    rows = []
+    for n, traced in enumerate(runs, 1):
+        run = traced.run
+        setting = (
+            "tracing off"
+            if traced.sampler_ratio is None
+            else f"tracing on, sampler ratio {traced.sampler_ratio:.1f}"
+        )
+        note = f"spans/command {traced.spans / run.commands:.2f}; {_cpu_note(run)}"
+        rows.append(
+            _run_row(
+                f"tracing {n}/{len(runs)}: latency 0, {run.tenants} tenants, {setting}",
+                run,
+                run.cmds_per_second / off,
+                note + ("; x = over tracing off" if n == 1 else ""),
+            )
+        )
+    rows.append(
+        _row(
+            "tracing: the no-op tracer's calls per command",
+            "worker",
+            *[""] * 3,
+            f"{result.noop_us_per_command / 1000:.4f}",
+            *[""] * 4,
+            f"{result.noop_us_per_command:.1f} µs of CPU per command without a traceparent, "
+            f"{result.noop_traceparent_us_per_command:.1f} µs with one (timed in a loop: "
+            "benchmarks/noop_tracing.py)",
+        )
+    )
+    return rows
 
 
 def table(scenarios: Mapping[str, ScenarioResult], found: list[Target]) -> str:

@@ -8,6 +8,11 @@ local RabbitMQ and one Graph simulator process:
   flight, no binding rate limit; the floor (`benchmarks.floor`) and the worker, twice each
   (floor, worker, worker, floor), the worker's mean throughput stated as a ratio to the
   floor's;
+* ``tracing``: the saturation load with tracing off (no exporter: the API's no-op tracer) and
+  on (OTLP/HTTP to a receiver in this process that decodes and counts the spans), sampler
+  ``parentbased_traceidratio`` at 1.0 and 0.1, in the order off, 1.0, 0.1, 0.1, 1.0, off: the
+  throughput and CPU per command of each setting, the spans each run exported, and the no-op
+  tracer's own cost per command timed in a loop (``benchmarks/noop_tracing.py``);
 * ``redis``: the saturation load once more, the floor (which has no Redis) then the worker
   in Redis mode (``REDIS_URL``, ``REDIS_KEY_PREFIX=bench-<hex>:``): its throughput as a
   ratio to that floor's, its CPU per command, the Redis server's commands per command (the
@@ -56,6 +61,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 
+from benchmarks import noop_tracing
 from benchmarks.measure import AMQP_URL, RECONNECT_TIMEOUT, Bench, Program, RunResult, RunSpec
 from benchmarks.processes import ROOT, SimulatorProcess
 from benchmarks.report import (
@@ -67,17 +73,30 @@ from benchmarks.report import (
     Saturation,
     ScenarioResult,
     Startup,
+    TracedRun,
+    TracingCost,
     table,
     targets,
 )
+from tests.support.otlp import OtlpReceiver
 
-SCENARIOS = ("startup", "saturation", "redis", "realistic", "rate-bound", "backlog")
+SCENARIOS = (
+    "startup",
+    "saturation",
+    "tracing",
+    "redis",
+    "realistic",
+    "rate-bound",
+    "backlog",
+)
 #: No binding limit (3,000/s per tenant is the setting's maximum) and generous concurrency.
 SATURATION = RunSpec(
     "worker", 10_000, tenants=4, simulator_latency=0.0, in_flight=64, rate_limit=3000
 )
 #: Each program twice, in an order that cancels a steady drift in the machine's load.
 SATURATION_ORDER: tuple[Program, ...] = ("floor", "worker", "worker", "floor")
+#: Tracing off (no exporter), on with every trace sampled, on with one in ten; then mirrored.
+TRACING_ORDER: tuple[float | None, ...] = (None, 1.0, 0.1, 0.1, 1.0, None)
 #: Seconds of commands: the first few warm up (connections, tokens) and are not counted.
 REALISTIC_SECONDS = 22.0
 REALISTIC_WARMUP = 2.0
@@ -107,9 +126,16 @@ class Session:
     """One benchmark run: its options, its `Bench`, and the scenarios measured so far."""
 
     def __init__(
-        self, bench: Bench, commands: int | None, starts: int, redis_url: str = REDIS_URL
+        self,
+        bench: Bench,
+        commands: int | None,
+        starts: int,
+        redis_url: str = REDIS_URL,
+        receiver: OtlpReceiver | None = None,
     ) -> None:
         self.bench = bench
+        #: Where the tracing scenario's worker exports its spans.
+        self.receiver = receiver
         self.commands = commands
         self.starts = starts
         self.redis_url = redis_url
@@ -178,6 +204,40 @@ async def saturation(session: Session) -> ScenarioResult:
         program_spec = dataclasses.replace(spec, program=program)
         runs.append(await session.run(f"saturation-{n}-{program}", program_spec))
     return Saturation.of(runs)
+
+
+async def tracing(session: Session) -> ScenarioResult:
+    """The saturation load with tracing off and on: every command a trace of its own (no
+    traceparent comes in), sampled by ratio, exported over OTLP/HTTP to a receiver in this
+    process that decodes each request and counts its spans."""
+    receiver = session.receiver
+    if receiver is None:
+        raise RuntimeError("the tracing scenario needs the OTLP receiver")
+    spec = dataclasses.replace(SATURATION, commands=session.commands or SATURATION.commands)
+    runs = []
+    for n, ratio in enumerate(TRACING_ORDER, 1):
+        environment = (
+            {}
+            if ratio is None
+            else {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+            }
+        )
+        label = "off" if ratio is None else f"ratio-{ratio}"
+        before = receiver.span_count
+        result = await session.run(
+            f"tracing-{n}-{label}", dataclasses.replace(spec, environment=environment)
+        )
+        # The worker exported what it still held when it stopped, before it exited.
+        runs.append(TracedRun(ratio, result, receiver.span_count - before))
+        session.say(f"tracing-{n}-{label}: {runs[-1].spans / result.commands:.2f} spans/command")
+    return TracingCost.of(
+        runs,
+        noop_tracing.seconds_per_command(),
+        noop_tracing.seconds_per_command(with_traceparent=True),
+    )
 
 
 async def redis(session: Session) -> ScenarioResult:
@@ -277,6 +337,7 @@ async def backlog(session: Session) -> ScenarioResult:
 _SCENARIO_FUNCTIONS: dict[str, Scenario] = {
     "startup": startup,
     "saturation": saturation,
+    "tracing": tracing,
     "redis": redis,
     "realistic": realistic,
     "rate-bound": rate_bound,
@@ -308,8 +369,13 @@ async def measure(
     whose outcomes are not the expected ones."""
     connection = await aio_pika.connect_robust(AMQP_URL)
     with tempfile.TemporaryDirectory(prefix="bench-simulator-") as directory:
-        async with connection, SimulatorProcess(Path(directory), logs) as sim:
-            session = Session(Bench(connection, sim, logs), commands, starts, redis_url)
+        async with (
+            connection,
+            SimulatorProcess(Path(directory), logs) as sim,
+            OtlpReceiver(keep=False) as receiver,
+        ):
+            bench = Bench(connection, sim, logs)
+            session = Session(bench, commands, starts, redis_url, receiver)
             for name in selected:
                 session.results[name] = await session.measure(name)
             return session.results

@@ -37,6 +37,7 @@ from worker.core.retry import RetryPolicy
 from worker.fleet import RedisSharedState
 from worker.graph.client import GraphClient
 from worker.graph.tokens import MsalTokenProvider
+from worker.observability import tracing
 from worker.observability.health import HealthServer
 from worker.observability.metrics import Metrics
 from worker.settings import Settings
@@ -119,8 +120,19 @@ class Worker:
         tokens: TokenProvider | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         publisher: PublisherFactory | None = None,
+        traces: tracing.Tracing | None = None,
     ) -> None:
         self.settings = settings
+        #: Tracing as the OTEL_* settings ask (the no-op tracer without an exporter); a
+        #: `traces` given by the caller stays the caller's to shut down.
+        self._owns_tracing = traces is None
+        self.tracing = traces or tracing.configure(
+            enabled=settings.tracing_enabled,
+            service_name=settings.otel_service_name,
+            version=__version__,
+            endpoint=settings.otel_traces_url,
+        )
+        tracer = self.tracing.tracer
         self.metrics = Metrics()
         self.tokens = tokens or MsalTokenProvider(settings, metrics=self.metrics)
         self.graph = GraphClient(settings, transport=transport)
@@ -131,11 +143,14 @@ class Worker:
             sender=self.graph,
             metrics=self.metrics,
             shared=self.shared,
+            tracer=tracer,
         )
         self.consumer = (
-            CommandConsumer(settings, self.handler, metrics=self.metrics)
+            CommandConsumer(settings, self.handler, metrics=self.metrics, tracer=tracer)
             if publisher is None
-            else CommandConsumer(settings, self.handler, metrics=self.metrics, publisher=publisher)
+            else CommandConsumer(
+                settings, self.handler, metrics=self.metrics, publisher=publisher, tracer=tracer
+            )
         )
         self.health: HealthServer | None = None
         if settings.health_port:
@@ -182,6 +197,7 @@ class Worker:
             command_queue=self.settings.command_queue,
             outcome_exchange=self.settings.outcome_exchange,
             graph_base_url=self.settings.graph_base_url,
+            tracing=self.tracing.enabled,
             max_in_flight=self.settings.graph_max_in_flight,
             prefetch=self.settings.prefetch_count,
             tenant_rate_limit=self.settings.graph_tenant_rate_limit,
@@ -244,6 +260,8 @@ class Worker:
             await self.shared.close()
         if self.health is not None:
             await self.health.stop()
+        if self._owns_tracing and not await asyncio.to_thread(self.tracing.shutdown):
+            log.warning("tracing.flush_timed_out", within=tracing.FLUSH_SECONDS)
         log.info("worker.stopped", unsettled_handed_back=left)
 
 

@@ -28,7 +28,7 @@ def _run(_args: argparse.Namespace) -> int:
             where = ".".join(str(p) for p in error["loc"]) or "settings"
             print(f"invalid setting {where}: {error['msg']}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, service=settings.otel_service_name)
     return asyncio.run(app.run(settings))
 
 

@@ -155,6 +155,32 @@ class Settings(BaseSettings):
     #: CloudEvents `source` of every outcome event.
     event_source: str = Field("urn:invite-worker", validation_alias="EVENT_SOURCE")
 
+    # --- Tracing: OpenTelemetry's own variables -------------------------------------------
+    # These decide whether traces are exported at all; the SDK reads the others itself
+    # (OTEL_TRACES_SAMPLER[_ARG], OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS, ...).
+    #: The service's name in traces and log lines.
+    otel_service_name: str = Field(
+        "invite-worker", min_length=1, validation_alias="OTEL_SERVICE_NAME"
+    )
+    #: "otlp" or "none"; unset: OTLP when an endpoint is set, otherwise no tracing.
+    otel_traces_exporter: Literal["", "otlp", "none"] = Field(
+        "", validation_alias="OTEL_TRACES_EXPORTER"
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        None, validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    #: Only OTLP over HTTP with protobuf bodies is installed (no gRPC).
+    otel_exporter_otlp_protocol: Literal["http/protobuf"] = Field(
+        "http/protobuf", validation_alias="OTEL_EXPORTER_OTLP_PROTOCOL"
+    )
+    otel_exporter_otlp_traces_protocol: Literal["http/protobuf"] | None = Field(
+        None, validation_alias="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    )
+    otel_sdk_disabled: bool = Field(False, validation_alias="OTEL_SDK_DISABLED")
+
     @field_validator("command_queue", "outcome_exchange")
     @classmethod
     def _amqp_name(cls, value: str) -> str:
@@ -212,6 +238,25 @@ class Settings(BaseSettings):
     def delay_queue(self, seconds: int) -> str:
         """The delay queue that returns commands to the command queue after `seconds`."""
         return f"{self.command_queue}.delay.{seconds}s"
+
+    @property
+    def tracing_enabled(self) -> bool:
+        """Whether spans are exported: an OTLP exporter is configured and the SDK not disabled."""
+        if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
+            return False
+        return self.otel_traces_exporter == "otlp" or bool(
+            self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint
+        )
+
+    @property
+    def otel_traces_url(self) -> str | None:
+        """Where spans go: the traces endpoint as given, or `/v1/traces` under the base one
+        (None: the exporter's default, http://localhost:4318/v1/traces)."""
+        if self.otel_exporter_otlp_traces_endpoint:
+            return self.otel_exporter_otlp_traces_endpoint
+        if self.otel_exporter_otlp_endpoint:
+            return self.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+        return None
 
     @property
     def prefetch_count(self) -> int:

@@ -61,6 +61,12 @@ def test_every_benchmark_scenario_gets_an_accepted_outcome_for_each_command(
             assert math.isfinite(cpu), name
             assert cpu >= 0, name
 
+    # Tracing on exported every command's spans (ratio 1.0: five per command); off, none.
+    traced = {run["sampler_ratio"]: run for run in scenarios["tracing"]["runs"]}
+    assert traced[None]["spans"] == 0
+    assert traced[1.0]["spans"] == 5 * traced[1.0]["run"]["commands"]
+    assert "no-op tracer" in (tmp_path / "latest.md").read_text()
+
     redis = scenarios["redis"]
     assert redis["floor"]["redis"] is None
     use = redis["worker"]["redis"]

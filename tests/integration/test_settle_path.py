@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any, cast
 
 import aio_pika
@@ -105,7 +106,12 @@ class TypeErrorPublisher(Publisher):
         self.calls = 0
 
     async def publish_event(
-        self, event: OutcomeEvent, correlation: str | None, *, fallback: str | None = None
+        self,
+        event: OutcomeEvent,
+        correlation: str | None,
+        *,
+        fallback: str | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> bool:
         self.calls += 1
         raise TypeError("injected: the outcome cannot be encoded")

@@ -61,6 +61,7 @@ class Broker:
         *,
         content_type: str | None = "application/json",
         message_id: str | None = None,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         assert self.channel is not None
         raw = json.dumps(body).encode() if isinstance(body, dict) else body
@@ -70,6 +71,7 @@ class Broker:
                 content_type=content_type,
                 message_id=message_id,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers=headers,
             ),
             routing_key=settings.command_queue,
         )

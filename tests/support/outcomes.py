@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -26,6 +26,8 @@ class Outcome:
     content_type: str | None = None
     #: time.monotonic() when it arrived.
     arrived: float = 0.0
+    #: The AMQP headers (trace context, correlation fallback).
+    headers: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_message(cls, message: AbstractIncomingMessage) -> Outcome:
@@ -41,6 +43,7 @@ class Outcome:
             event_id=message.message_id,
             content_type=message.content_type,
             arrived=time.monotonic(),
+            headers=dict(message.headers or {}),
         )
 
     @property

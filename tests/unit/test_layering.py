@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "worker"
 #: Libraries that do I/O; the core decides without them.
 EDGE_LIBRARIES = {"aio_pika", "aiormq", "pamqp", "httpx", "httpcore", "aiohttp", "msal", "redis"}
+#: The core opens its spans (token, wait, Graph request) with OpenTelemetry's API, as it would
+#: log with `logging`: the API does no I/O and is a no-op until the process installs an SDK,
+#: which only `worker.observability.tracing.configure` does, at start-up. A port of the
+#: project's own would only repeat the API's `Tracer`. The SDK and its exporters (threads,
+#: HTTP) stay out of the core.
+OTEL_SDK = ("opentelemetry.sdk", "opentelemetry.exporter")
 
 
 def _imports(path: Path) -> set[str]:
@@ -53,10 +59,39 @@ def test_the_core_imports_no_io_library_and_nothing_outside_core_but_observabili
         for name in sorted(_imports(path)):
             top = name.split(".")[0]
             inside = name.startswith(("worker.core", "worker.observability"))
-            if top in EDGE_LIBRARIES or (top == "worker" and not inside):
+            if (
+                top in EDGE_LIBRARIES
+                or name.startswith(OTEL_SDK)
+                or (top == "worker" and not inside)
+            ):
                 offenders.append(f"{path.relative_to(ROOT)} imports {name}")
     assert offenders == []
     assert len(_modules("core")) >= 10  # the check reads the real package
+
+
+def test_the_sdk_is_loaded_only_when_tracing_is_on() -> None:
+    """Without an exporter the worker keeps the API's no-op tracer and loads no SDK."""
+    off = _loaded_after(
+        "from worker.settings import Settings\n"
+        "from worker.observability import tracing\n"
+        "import worker.core.handler, worker.amqp.consumer\n"
+        "t = tracing.configure(enabled=Settings().tracing_enabled, service_name='s', "
+        "version='v')\n"
+        "assert not t.enabled",
+        {},
+    )
+    assert not [m for m in off if m.startswith(OTEL_SDK)]
+    on = _loaded_after(
+        "from worker.settings import Settings\n"
+        "from worker.observability import tracing\n"
+        "s = Settings()\n"
+        "t = tracing.configure(enabled=s.tracing_enabled, service_name='s', version='v', "
+        "endpoint=s.otel_traces_url)\n"
+        "assert t.enabled\n"
+        "t.shutdown()",
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"},
+    )
+    assert "opentelemetry.sdk.trace" in on
 
 
 def test_observability_imports_nothing_of_the_layers_above_it() -> None:

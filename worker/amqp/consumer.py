@@ -27,6 +27,8 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError
 from aiormq.abc import AbstractChannel as UnderlayChannel
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from worker.amqp.bodies import body_size
 from worker.amqp.publishing import (
@@ -39,16 +41,26 @@ from worker.amqp.publishing import (
     THROTTLED_HEADER,
     TOKEN_FAILURES_HEADER,
     Publisher,
+    fits_shortstr,
     fitted_correlation_id,
 )
 from worker.amqp.settlement import settle
-from worker.amqp.topology import declare_topology, existing_topology, verify_topology
+from worker.amqp.topology import (
+    declare_topology,
+    delay_bucket,
+    existing_topology,
+    verify_topology,
+)
 from worker.core.circuit import CircuitState
 from worker.core.handler import Delivery, Handled, InviteHandler
+from worker.core.outcomes import OutcomeEvent, OutcomeKind
 from worker.core.ownership import Ownership
 from worker.core.retry import MAX_RETRY_AFTER
 from worker.core.settlement import Settlement, settlement_for
+from worker.observability import tracing
+from worker.observability.logs import redact
 from worker.observability.metrics import Metrics
+from worker.observability.tracing import NO_TRACER, fail, traced
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.amqp.consumer")
@@ -146,8 +158,13 @@ class CommandConsumer:
         *,
         metrics: Metrics,
         publisher: PublisherFactory = _publisher,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self._settings = settings
+        self._tracer = tracer
+        #: Messaging span names: "<destination> <operation>".
+        self._process_span = f"{settings.command_queue} process"
+        self._publish_span = f"{settings.outcome_exchange} publish"
         self._make_publisher = publisher
         self._handler = handler
         self._metrics = metrics
@@ -338,6 +355,37 @@ class CommandConsumer:
             self._idle.set()
 
     async def _process(self, message: AbstractIncomingMessage, ownership: Ownership) -> None:
+        # The command's span lives as long as its handling, in this task, not as long as
+        # aio-pika's callback (which returns once this task has started). Its parent is the
+        # context the message carries; without one (or with a malformed one) a new trace.
+        with tracing.consumed(self._tracer, self._process_span, message.headers) as span:
+            ids = tracing.log_ids(span.get_span_context())
+            if ids:
+                # This task's context only: every line logged while handling it joins the trace.
+                structlog.contextvars.bind_contextvars(**ids)
+            if span.is_recording():
+                span.set_attributes(self._message_attributes(message))
+            await self._process_in_span(message, ownership, span)
+
+    def _message_attributes(self, message: AbstractIncomingMessage) -> dict[str, str | int]:
+        """The consumed message, by the messaging conventions (ids only, never the body)."""
+        attributes: dict[str, str | int] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": self._settings.command_queue,
+            "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
+            "messaging.message.body.size": body_size(message.body) or len(message.body),
+        }
+        if message.delivery_tag is not None:
+            attributes["messaging.rabbitmq.message.delivery_tag"] = message.delivery_tag
+        if message.message_id and fits_shortstr(message.message_id):
+            attributes["messaging.message.id"] = redact(message.message_id)
+        return attributes
+
+    async def _process_in_span(
+        self, message: AbstractIncomingMessage, ownership: Ownership, span: Span
+    ) -> None:
         started = time.monotonic()
         self._metrics.commands_received.inc()
         publisher = self._publisher
@@ -357,8 +405,11 @@ class CommandConsumer:
                 handled = self._handler.after_crash(delivery)
             # Lost after the handler returned: still nothing is published for it.
             handled = await self._handler.abandon_if_lost(delivery, handled)
+            if handled.command is not None:
+                structlog.contextvars.bind_contextvars(command_id=handled.command.command_id)
             if handled.abandoned:
                 self._log_abandoned(handled, message)
+                span.add_event("invite.abandoned", {"invite.outcome_kept": handled.outcome_kept})
                 return
             settlement = await self._carry_out(message, handled, publisher)
         except Exception:
@@ -369,6 +420,7 @@ class CommandConsumer:
                 message, delivery, handled, publisher
             )
         if handled is not None:
+            _annotate(span, handled, settlement)
             self._log_settled(handled, settlement, message, started)
 
     def _crashed(self, stage: str, message: AbstractIncomingMessage) -> None:
@@ -382,7 +434,7 @@ class CommandConsumer:
         event = handled.event
         confirmed = True
         if handled.retry_in is not None:
-            confirmed = await publisher.publish_retry(message, handled)
+            confirmed = await self._publish_retry(message, handled, publisher)
         elif event is not None:
             if handled.command is not None:
                 # Remembered before it is published: if this process dies after publishing
@@ -390,7 +442,28 @@ class CommandConsumer:
                 # again (its id unchanged) instead of calling Graph or failing it anew.
                 await self._handler.remember_outcome(handled.command, event, confirmed=False)
             correlation, fallback = correlation_id(handled, message.message_id)
-            confirmed = await publisher.publish_event(event, correlation, fallback=fallback)
+            with traced(self._tracer, self._publish_span, kind=SpanKind.PRODUCER) as span:
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            "messaging.system": "rabbitmq",
+                            "messaging.operation.type": "send",
+                            "messaging.operation.name": "publish",
+                            "messaging.destination.name": self._settings.outcome_exchange,
+                            "messaging.rabbitmq.destination.routing_key": event.type.value,
+                            "messaging.message.id": event.id,
+                            "cloudevents.event_id": event.id,
+                            "cloudevents.event_type": event.type.value,
+                        }
+                    )
+                    if correlation is not None:
+                        span.set_attribute("messaging.message.conversation_id", redact(correlation))
+                # The outcome carries the trace on: its headers name this span.
+                confirmed = await publisher.publish_event(
+                    event, correlation, fallback=fallback, trace=tracing.current_headers()
+                )
+                if not confirmed:
+                    fail(span, "not_confirmed")
             if handled.command is not None and confirmed:
                 await self._handler.remember_outcome(handled.command, event, confirmed=True)
         settlement = settlement_for(
@@ -401,6 +474,42 @@ class CommandConsumer:
         )
         await self._settle(message, settlement, handled, publisher)
         return settlement
+
+    async def _publish_retry(
+        self, message: AbstractIncomingMessage, handled: Handled, publisher: Publisher
+    ) -> bool:
+        """The delayed copy, in the same trace: its parent stays the command's, and the next
+        attempt links to this one."""
+        assert handled.retry_in is not None  # noqa: S101 - called only for retries
+        attempt = trace.get_current_span()
+        parent = tracing.extract(message.headers)
+        carried = tracing.headers_of(
+            trace.get_current_span(parent).get_span_context()
+            if parent is not None
+            else attempt.get_span_context()
+        )
+        previous = tracing.headers_of(attempt.get_span_context()) if attempt.is_recording() else {}
+        headers: dict[str, str | None] = {
+            tracing.TRACEPARENT: carried.get(tracing.TRACEPARENT),
+            tracing.TRACESTATE: carried.get(tracing.TRACESTATE),
+            tracing.PREVIOUS_ATTEMPT_HEADER: previous.get(tracing.TRACEPARENT),
+        }
+        queue = self._settings.delay_queue(delay_bucket(handled.retry_in))
+        with traced(self._tracer, f"{queue} publish", kind=SpanKind.PRODUCER) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "messaging.system": "rabbitmq",
+                        "messaging.operation.type": "send",
+                        "messaging.operation.name": "publish",
+                        "messaging.destination.name": queue,
+                        "invite.retry_in_s": handled.retry_in,
+                    }
+                )
+            confirmed = await publisher.publish_retry(message, handled, headers)
+            if not confirmed:
+                fail(span, "not_confirmed")
+        return confirmed
 
     async def _after_settle_crash(
         self,
@@ -482,3 +591,65 @@ class CommandConsumer:
             error_code=getattr(data, "error_code", None),
             problems=[f"{p.field}: {p.problem}" for p in getattr(data, "problems", ())] or None,
         )
+
+
+def _annotate(span: Span, handled: Handled, settlement: Settlement) -> None:
+    """What became of the command, on its span: ids, the outcome as an event and a status.
+
+    Never the participants or the command's body: ids, counts, Graph's status and codes.
+    """
+    if not span.is_recording():
+        return
+    command = handled.command
+    event = handled.event
+    data = event.data if event is not None else None
+    command_id = command.command_id if command else data.command_id if data else None
+    tenant_id = command.tenant_id if command else data.tenant_id if data else None
+    attributes: dict[str, str | int | bool] = {
+        "invite.settlement": settlement.value,
+        "invite.attempts": handled.attempts,
+    }
+    # A rejected command's ids are echoed as they came: masked like a log line's.
+    if command_id is not None and fits_shortstr(command_id):
+        attributes["messaging.message.conversation_id"] = redact(command_id)
+    if tenant_id is not None and fits_shortstr(tenant_id):
+        attributes["invite.tenant_id"] = redact(tenant_id)
+    if command is not None:
+        attributes["invite.call_id"] = command.call_id
+    for flag in ("duplicate", "replayed", "poison"):
+        if getattr(handled, flag):
+            attributes[f"invite.{flag}"] = True
+    if handled.crashes:
+        attributes["invite.crashes"] = handled.crashes
+    span.set_attributes(attributes)
+    if handled.retry_in is not None:
+        retry: dict[str, str | int | float] = {"invite.retry_in_s": handled.retry_in}
+        if handled.http_status is not None:
+            retry["http.response.status_code"] = handled.http_status
+        if handled.error_type is not None:
+            retry["error.type"] = handled.error_type
+        span.add_event("invite.retry_scheduled", retry)
+    if event is not None:
+        _outcome_event(span, handled, event)
+
+
+def _outcome_event(span: Span, handled: Handled, event: OutcomeEvent) -> None:
+    """The outcome as a span event (kind, reason, Graph's status and code) and status."""
+    data = event.data
+    span.set_attribute("invite.outcome", event.type.value)
+    details: dict[str, str | int] = {"cloudevents.event_id": event.id}
+    reason = getattr(data, "reason", None)
+    status = getattr(data, "http_status", None)
+    code = getattr(data, "error_code", None)
+    if reason is not None:
+        details["invite.reason"] = reason
+    if status is not None:
+        details["http.response.status_code"] = status
+    if isinstance(code, str) and len(code) <= 100:
+        details["invite.error_code"] = code
+    problems = getattr(data, "problems", None)
+    if problems is not None:
+        details["invite.problems"] = len(problems)
+    span.add_event(event.type.value, details)
+    if event.type is not OutcomeKind.ACCEPTED:
+        fail(span, handled.error_type or event.type.value, reason or event.type.value)

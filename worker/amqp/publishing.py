@@ -7,6 +7,7 @@ message is settled only once what it needed published is confirmed.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
@@ -128,12 +129,21 @@ class Publisher:
         return True
 
     async def publish_event(
-        self, event: OutcomeEvent, correlation: str | None, *, fallback: str | None = None
+        self,
+        event: OutcomeEvent,
+        correlation: str | None,
+        *,
+        fallback: str | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> bool:
         """Publish an outcome; `correlation` must fit a short string (`fitted_correlation_id`).
 
-        `fallback` says, in a header, that the correlation_id is not the commandId.
+        `fallback` says, in a header, that the correlation_id is not the commandId; `trace`
+        holds the `traceparent` (and `tracestate`) headers that carry the trace on.
         """
+        headers: dict[str, Any] = dict(trace) if trace else {}
+        if fallback:
+            headers[CORRELATION_FALLBACK_HEADER] = fallback
         message = aio_pika.Message(
             event.to_json(),
             content_type=OUTCOME_CONTENT_TYPE,
@@ -143,7 +153,7 @@ class Publisher:
             type=event.type.value,
             timestamp=event.time,
             app_id="invite-worker",
-            headers={CORRELATION_FALLBACK_HEADER: fallback} if fallback else None,
+            headers=headers or None,
         )
         confirmed = await self.publish(self._outcomes, message, event.type.value)
         if confirmed:
@@ -152,9 +162,20 @@ class Publisher:
             self._metrics.outcomes.inc(event.type.value, label)
         return confirmed
 
-    def copy(self, message: AbstractIncomingMessage, extra: dict[str, Any]) -> aio_pika.Message:
+    def copy(
+        self,
+        message: AbstractIncomingMessage,
+        extra: dict[str, Any],
+        replace: Mapping[str, str | None] | None = None,
+    ) -> aio_pika.Message:
+        """The message with the worker's `extra` headers; `replace` sets or (None) drops some."""
         headers = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
         headers.update({k: v for k, v in extra.items() if v is not None})
+        for key, value in (replace or {}).items():
+            if value is None:
+                headers.pop(key, None)
+            else:
+                headers[key] = value
         return aio_pika.Message(
             message.body,
             content_type=message.content_type,
@@ -165,7 +186,13 @@ class Publisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
 
-    async def publish_retry(self, message: AbstractIncomingMessage, handled: Handled) -> bool:
+    async def publish_retry(
+        self,
+        message: AbstractIncomingMessage,
+        handled: Handled,
+        trace: Mapping[str, str | None] | None = None,
+    ) -> bool:
+        """A copy to the delay queue; `trace` sets (or drops) its trace context headers."""
         assert handled.retry_in is not None  # noqa: S101 - called only for retries
         # The longest delay queue not longer than the wait: the copy never comes back late,
         # and the handler waits out what is left of `retry_at` when it comes back early.
@@ -184,6 +211,7 @@ class Publisher:
                 LAST_ERROR_HEADER: handled.error_type,
                 CRASHES_HEADER: handled.crashes or None,
             },
+            trace,
         )
         channel = self._channel
         if channel is None:

@@ -26,6 +26,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from worker.core import outcomes
 from worker.core.circuit import CircuitBreaker, CircuitState
@@ -48,11 +51,13 @@ from worker.core.invite import GraphAccepted, InviteRequest, build_request
 from worker.core.outcomes import OutcomeEvent
 from worker.core.ownership import DeliveryLost, Ownership
 from worker.core.ports import ClaimVerdict, InviteSender, SharedState, TokenProvider
-from worker.core.ratelimit import TenantRateLimits
+from worker.core.ratelimit import Grant, TenantRateLimits
 from worker.core.retry import AMBIGUOUS_STATUSES, RetryPolicy
 from worker.core.settled import SettledCommands
 from worker.core.slots import FairSlots
 from worker.observability.metrics import Metrics
+from worker.observability.tracing import NO_TRACER, fail, started, traced
+from worker.observability.tracing import span as span_of
 
 #: A second delivery of a command that is still being handled comes back after this long,
 #: by when the first has usually settled and the second is acknowledged as a duplicate.
@@ -88,6 +93,8 @@ class HandlerConfig:
     circuit_failure_threshold: int
     circuit_open_seconds: float
     circuit_max_open_seconds: float
+    #: Graph's root, for the attributes of each request's span.
+    graph_base_url: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +203,17 @@ class _Progress:
             self.request_id = error.request_id
 
 
+def _answered(span: Span, status: int | None, request_id: str | None, error: str | None) -> None:
+    """Graph's answer on its request's span: the status, its request-id, and any failure."""
+    if status is not None:
+        span.set_attribute("http.response.status_code", status)
+    if request_id is not None:
+        span.set_attribute("http.response.header.request-id", (request_id,))
+    if error is not None:
+        # HTTP conventions: the status code is the error's type when there was an answer.
+        fail(span, str(status) if status is not None else error, error)
+
+
 _SPENT = "the retry budget (RETRY_MAX_ELAPSED) was spent before Graph could be tried again"
 
 
@@ -281,8 +299,19 @@ class InviteHandler:
         shared: SharedState | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self._config = config
+        self._tracer = tracer
+        graph = urlsplit(config.graph_base_url)
+        #: The attributes every Graph request's span starts with (HTTP client conventions).
+        self._graph_span_name = f"POST {graph.path}/communications/calls/{{id}}/participants/invite"
+        self._graph_attributes: dict[str, str | int] = {
+            "http.request.method": "POST",
+            "server.address": graph.hostname or "",
+            "server.port": graph.port or 443,
+            "url.template": graph.path + "/communications/calls/{id}/participants/invite",
+        }
         self._tokens = tokens
         self._sender = sender
         self._limits = limits or TenantRateLimits(
@@ -598,57 +627,110 @@ class InviteHandler:
     async def _attempt(
         self, command: Command, request: InviteRequest, progress: _Progress, owner: Ownership
     ) -> GraphAccepted:
-        token = await self._tokens.token(command.tenant_id)
+        tenant = {"invite.tenant_id": command.tenant_id}
+        with traced(self._tracer, "invite.token", attributes=tenant):
+            token = await self._tokens.token(command.tenant_id)
         owner.check()
         limiter = self._limits.for_tenant(command.tenant_id)
-        async with self.slots.slot(command.tenant_id, owner):
-            # The grant is taken last, right before sending, and stamped when the request
-            # is written, so that the arrivals Graph sees keep the per-second promise.
-            waited = self._clock()
-            if self._shared is not None:
-                grant = None
-                await self._claim(self._shared, command, progress, owner)
-            else:
-                grant = await limiter.acquire_unless_paused(self.policy.in_process_limit, owner)
-                if grant is None:
-                    raise _TenantPaused(limiter.blocked_for())
-            self.metrics.rate_limit_wait.observe(self._clock() - waited)
-            self.in_flight_requests += 1
-            sent = self._clock()
-            written = False
+        # From asking for an in-flight slot to holding the tenant's grant (or the fleet's claim).
+        wait = started(self._tracer, "invite.wait", attributes=tenant)
+        waiting = True
+        try:
+            async with self.slots.slot(command.tenant_id, owner):
+                # The grant is taken last, right before sending, and stamped when the request
+                # is written, so that the arrivals Graph sees keep the per-second promise.
+                waited = self._clock()
+                if self._shared is not None:
+                    grant = None
+                    await self._claim(self._shared, command, progress, owner)
+                else:
+                    grant = await limiter.acquire_unless_paused(self.policy.in_process_limit, owner)
+                    if grant is None:
+                        raise _TenantPaused(limiter.blocked_for())
+                self.metrics.rate_limit_wait.observe(self._clock() - waited)
+                waiting = False
+                wait.end()
+                return await self._send(
+                    command, request, progress, token=token, grant=grant, owner=owner
+                )
+        except BaseException as exc:
+            if waiting:
+                fail(wait, type(exc).__name__)
+                wait.end()
+            raise
 
-            def on_sent() -> None:
-                nonlocal written
-                written = True
-                if grant is not None:
-                    grant.mark_sent()
+    async def _send(
+        self,
+        command: Command,
+        request: InviteRequest,
+        progress: _Progress,
+        *,
+        token: str,
+        grant: Grant | None,
+        owner: Ownership,
+    ) -> GraphAccepted:
+        """One request, in the slot and with the grant already held."""
+        self.in_flight_requests += 1
+        sent = self._clock()
+        written = False
 
-            try:
-                # The last moment the request can still be held back.
-                owner.check()
-                self._check_deadline(command)
-                self._check_budget(progress)
-                progress.attempts += 1
-                answer = await self._sender.invite(request, token, on_sent)
-            except GraphError as error:
-                self.metrics.graph_requests.inc(str(error.status or "none"), command.tenant_id)
-                if isinstance(error, GraphRefused) and error.status == 429:
-                    await self._throttle(command, progress, error)
-                await self._release_unless_acted(command, progress, error, written)
-                raise
-            except BaseException:
-                # Held back (lost delivery, deadline, budget) or a crash: free when nothing
-                # was written, otherwise orphaned (Graph may have acted).
-                await self._release(command, progress, may_have_acted=written)
-                raise
-            finally:
-                if grant is not None:
-                    grant.mark_sent()
-                self.in_flight_requests -= 1
+        def on_sent() -> None:
+            nonlocal written
+            written = True
+            if grant is not None:
+                grant.mark_sent()
+
+        try:
+            # The last moment the request can still be held back.
+            owner.check()
+            self._check_deadline(command)
+            self._check_budget(progress)
+            progress.attempts += 1
+            answer = await self._traced_invite(request, token, on_sent, progress.attempts)
+        except GraphError as error:
+            self.metrics.graph_requests.inc(str(error.status or "none"), command.tenant_id)
+            if isinstance(error, GraphRefused) and error.status == 429:
+                await self._throttle(command, progress, error)
+            await self._release_unless_acted(command, progress, error, written)
+            raise
+        except BaseException:
+            # Held back (lost delivery, deadline, budget) or a crash: free when nothing
+            # was written, otherwise orphaned (Graph may have acted).
+            await self._release(command, progress, may_have_acted=written)
+            raise
+        finally:
+            if grant is not None:
+                grant.mark_sent()
+            self.in_flight_requests -= 1
         self.metrics.graph_latency.observe(self._clock() - sent)
         self.metrics.graph_requests.inc(str(answer.status), command.tenant_id)
         self.circuit.record_success()
         return answer
+
+    async def _traced_invite(
+        self, request: InviteRequest, token: str, on_sent: Callable[[], None], attempt: int
+    ) -> GraphAccepted:
+        """The request in a client span (HTTP semantic conventions), with Graph's ids."""
+        with span_of(self._tracer, self._graph_span_name, kind=SpanKind.CLIENT) as span:
+            if span.is_recording():
+                span.set_attributes(self._graph_attributes)
+                span.set_attributes(
+                    {
+                        "url.full": self._config.graph_base_url + request.path,
+                        "http.request.header.client-request-id": (request.client_request_id,),
+                        "invite.attempt": attempt,
+                    }
+                )
+            try:
+                answer = await self._sender.invite(request, token, on_sent)
+            except GraphError as error:
+                _answered(span, error.status, error.request_id, type(error).__name__)
+                raise
+            except BaseException as exc:
+                fail(span, type(exc).__name__)
+                raise
+            _answered(span, answer.status, answer.request_id, None)
+            return answer
 
     async def _claim(
         self, shared: SharedState, command: Command, progress: _Progress, owner: Ownership

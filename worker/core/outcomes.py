@@ -25,6 +25,7 @@ from worker.core.errors import (
     RedeliveredTooOften,
     TokenUnavailable,
 )
+from worker.observability.tracing import current_headers
 
 
 class OutcomeKind(enum.StrEnum):
@@ -110,6 +111,10 @@ class ExpiredData(_Data):
 OutcomeData = AcceptedData | FailedData | RejectedData | ExpiredData
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class OutcomeEvent(BaseModel):
     """A CloudEvents 1.0 structured-mode JSON envelope."""
 
@@ -122,6 +127,20 @@ class OutcomeEvent(BaseModel):
     time: datetime
     datacontenttype: Literal["application/json"] = "application/json"
     data: OutcomeData
+    #: CloudEvents' distributed-tracing extension: the context the event was made in (the
+    #: command's span), left out when there is none.
+    traceparent: str | None = Field(
+        None,
+        description="W3C Trace Context `traceparent` of the command's handling "
+        "(CloudEvents distributed-tracing extension); absent when the command had no trace.",
+        pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        exclude_if=_absent,
+    )
+    tracestate: str | None = Field(
+        None,
+        description="W3C Trace Context `tracestate` that came with the trace, if any.",
+        exclude_if=_absent,
+    )
 
     @property
     def kind(self) -> OutcomeKind:
@@ -166,8 +185,16 @@ def _encodable(value: str) -> bool:
 
 
 def _event(kind: OutcomeKind, data: OutcomeData, source: str) -> OutcomeEvent:
+    # Made while the command is handled: its span (or the context that came with it).
+    trace = current_headers()
     return OutcomeEvent(
-        source=source, type=kind, subject=data.command_id, time=datetime.now(UTC), data=data
+        source=source,
+        type=kind,
+        subject=data.command_id,
+        time=datetime.now(UTC),
+        data=data,
+        traceparent=trace.get("traceparent"),
+        tracestate=trace.get("tracestate"),
     )
 
 

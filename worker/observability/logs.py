@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from worker import __version__
+
 _SECRET_KEYS = re.compile(r"token|secret|password|passphrase|authorization|credential", re.I)
 # Every E.164 number a command accepts: + and 2 to 15 digits. A time-zone offset ("+10:00")
 # is not one.
@@ -58,7 +60,27 @@ def redact_processor(
     return event_dict
 
 
-def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
+def service_processor(service: str, version: str) -> Any:
+    """Adds the service's name and version to every line, whoever wrote it."""
+
+    def add_service(
+        _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event_dict.setdefault("service", service)
+        event_dict.setdefault("version", version)
+        return event_dict
+
+    return add_service
+
+
+def configure(
+    level: str = "INFO",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    *,
+    service: str = "invite-worker",
+    version: str = __version__,
+) -> None:
     """Set up structlog and the standard library's logging once, at start-up."""
     stream = stream or sys.stdout
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
@@ -72,6 +94,7 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = No
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
+        service_processor(service, version),
         redact_processor,
     ]
     structlog.configure(

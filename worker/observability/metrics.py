@@ -5,7 +5,9 @@ tenant is counted under `tenant="other"`.
 
 Each `Metrics` has its own `CollectorRegistry` (tests build many in one process), holding the
 worker's counters, histograms and gauges, the process, GC and platform collectors, and
-`invite_worker_build_info`. The small classes here keep the call sites short
+`invite_worker_build_info`. Histograms carry the trace id of the span recorded at the time as
+an exemplar (exposed in OpenMetrics only), so that a slow bucket leads to a trace. The small
+classes here keep the call sites short
 (`metrics.throttled.inc(tenant)`) and give tests a `value()` to read.
 """
 
@@ -23,6 +25,7 @@ from prometheus_client import (
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from worker import __version__
+from worker.observability.tracing import recording_trace_id
 
 #: Seconds; from a fast local answer to Graph's slowest acceptable one.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -85,7 +88,10 @@ class Histogram(_Metric):
         )
 
     def observe(self, value: float, *labels: str) -> None:
-        (self._metric.labels(*labels) if labels else self._metric).observe(value)
+        """Observe `value`; while a span is recorded, with its trace id as the exemplar."""
+        metric = self._metric.labels(*labels) if labels else self._metric
+        trace_id = recording_trace_id()
+        metric.observe(value, exemplar={"trace_id": trace_id} if trace_id else None)
 
     def count(self, *labels: str) -> int:
         return int(self._sample(f"{self.name}_count", labels))

@@ -250,15 +250,36 @@ def _messages(examples: Path) -> dict[str, Any]:
     return messages
 
 
+_TRACEPARENT = "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 _TRACE_HEADERS = {
     "traceparent": {
         "type": "string",
-        "description": "W3C Trace Context `traceparent`; kept on retry and dead-letter copies.",
-        "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        "description": (
+            "W3C Trace Context `traceparent`: the command's span is its child (a malformed "
+            "one is ignored and the command starts a new trace); kept on retry and "
+            "dead-letter copies."
+        ),
+        "pattern": _TRACEPARENT,
     },
     "tracestate": {
         "type": "string",
         "description": "W3C Trace Context `tracestate`; kept on retry and dead-letter copies.",
+    },
+}
+_OUTCOME_TRACE_HEADERS = {
+    "traceparent": {
+        "type": "string",
+        "description": (
+            "W3C Trace Context `traceparent` of the worker's publish span, in the command's "
+            "trace (the one its `traceparent` started, or a new one): a consumer that "
+            "continues from it joins that trace. Absent when the command had no trace and "
+            "tracing is off."
+        ),
+        "pattern": _TRACEPARENT,
+    },
+    "tracestate": {
+        "type": "string",
+        "description": "W3C Trace Context `tracestate` that came with the command, if any.",
     },
 }
 
@@ -296,10 +317,11 @@ def _traits() -> dict[str, Any]:
             "headers": {
                 "type": "object",
                 "properties": {
+                    **_OUTCOME_TRACE_HEADERS,
                     "x-invite-correlation-id-fallback": {
                         "type": "string",
                         "enum": ["message_id", "none"],
-                    }
+                    },
                 },
             },
             "x-amqp-properties": {
@@ -315,7 +337,10 @@ def _traits() -> dict[str, Any]:
             "description": (
                 "The attributes are in the body: `specversion` 1.0, `id` (unique per event: "
                 "de-duplicate on it), `source` (EVENT_SOURCE), `type` (the routing key), "
-                "`subject` (the commandId), `time`, `datacontenttype` application/json, `data`."
+                "`subject` (the commandId), `time`, `datacontenttype` application/json, `data`; "
+                "and the distributed-tracing extension's `traceparent` (and `tracestate`): the "
+                "context of the command's span, in the same trace as the AMQP `traceparent` "
+                "header, absent when the command had no trace."
             ),
             "externalDocs": {
                 "url": "https://github.com/cloudevents/spec/blob/v1.0.2/cloudevents/spec.md"
@@ -332,6 +357,7 @@ def _traits() -> dict[str, Any]:
                     "time",
                     "datacontenttype",
                 ],
+                "extensions": ["traceparent", "tracestate"],
             },
         },
     }
