@@ -137,6 +137,9 @@ def panel(
                 "datasource": {"type": "prometheus", "uid": "${datasource}"},
                 "expr": expr,
                 "legendFormat": legend,
+                # A histogram's buckets carry the trace id of a recorded command (OpenMetrics
+                # exemplars): Grafana links a slow point to its trace.
+                "exemplar": "_bucket{" in expr,
             }
             for n, (expr, legend) in enumerate(queries)
         ],

@@ -201,3 +201,11 @@ def test_every_query_names_only_metrics_the_worker_exports() -> None:
         names = metric_names(expr)
         assert names, where
         assert names <= exported, f"{where}: not exported: {names - exported}"
+
+
+def test_histogram_panels_show_exemplars_that_link_to_traces() -> None:
+    targets = dashboard_targets(dashboard())
+    histograms = [target for target in targets if "_bucket{" in target["expr"]]
+    assert histograms, "the dashboard has latency quantiles"
+    assert all(target["exemplar"] is True for target in histograms)
+    assert not any(target["exemplar"] for target in targets if target not in histograms)
