@@ -8,7 +8,8 @@ rate limits, deadlines or metrics: the benchmark reports the worker's throughput
 this program's, measured in the same run.
 
 HTTP client: aiohttp, with one keep-alive connector of `GRAPH_MAX_IN_FLIGHT` connections,
-trusting only `SSL_CERT_FILE`. It reads the worker's own environment variables, prints
+trusting only `SSL_CERT_FILE`. Event loop: the worker's default (uvloop), or what
+`EVENT_LOOP` says. It reads the worker's own environment variables, prints
 ``{"event": "worker.ready"}`` once consuming, and stops on SIGTERM.
 
 Run: ``python -m benchmarks.floor`` (the benchmark starts it; it is not meant for production).
@@ -26,6 +27,8 @@ from collections.abc import Mapping
 import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+
+from worker.cli import event_loop_factory
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 
@@ -108,4 +111,8 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    # The event loop the worker runs on by default (and EVENT_LOOP chooses for both alike).
+    with asyncio.Runner(
+        loop_factory=event_loop_factory(os.environ.get("EVENT_LOOP", "uvloop"))
+    ) as r:
+        raise SystemExit(r.run(main()))

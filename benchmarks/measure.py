@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -82,6 +83,9 @@ class RunSpec:
     """Start the worker in Redis mode against this server (``redis://host:port/db``)."""
     environment: Mapping[str, str] = field(default_factory=dict)
     """Further variables for the program, set over the benchmark's own."""
+    profile_to: Path | None = None
+    """Sample the program with py-spy while it works, into this file (py-spy's raw format).
+    The sampler shares the machine's cores: a profiled run's figures are not comparable."""
 
     def expected_outcomes(self) -> dict[str, int]:
         """Outcome events by routing key that a sound run ends with: every command valid, for
@@ -241,11 +245,15 @@ class Bench:
                 pid = child.pid
                 collector.sample_with(lambda count, now: self._sample(pid, count, now))
                 await child.wait_ready()
+                sampler = None if spec.profile_to is None else await _py_spy(pid, spec.profile_to)
                 if spec.paced_rate is not None:
                     await broker.publish_paced(
                         channel, settings.command_queue, commands, spec.paced_rate, published
                     )
                 await collector.wait(IDLE_TIMEOUT, lambda: self._check_alive(child))
+                if sampler is not None:
+                    sampler.send_signal(signal.SIGINT)
+                    await sampler.wait()
                 peak_rss = memory_bytes(pid, "VmHWM")
                 if redis is not None:
                     round_trips = await _metric_total(env["HEALTH_PORT"], REDIS_ROUND_TRIPS_METRIC)
@@ -347,6 +355,27 @@ class Bench:
             harness_cpu_seconds=time.process_time(),
             machine_busy_seconds=busy_cpu_seconds(),
         )
+
+
+async def _py_spy(pid: int, output: Path) -> asyncio.subprocess.Process:
+    """py-spy sampling `pid` until it is sent SIGINT (each sample pauses it briefly).
+
+    Only the thread holding the GIL is sampled: Python code running, not threads waiting.
+    """
+    argv = [
+        str(Path(sys.executable).with_name("py-spy")),
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--rate",
+        "200",
+    ]
+    argv += ["--gil", "--output", str(output)]
+    return await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
 
 
 def _free_port() -> int:

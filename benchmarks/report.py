@@ -85,7 +85,20 @@ class Failed:
     error: str
 
 
-ScenarioResult = Saturation | RedisMode | Realistic | RateBound | Backlog | Startup | Failed
+@dataclass(frozen=True)
+class Profile:
+    worker: RunResult
+    """The profiled run: py-spy shared the cores, so its figures are not compared."""
+    path: str
+    """The summary's file (markdown), beside the results."""
+    samples: int
+    own: list[tuple[str, float]]
+    """The frames with the most own samples, and their share of the working samples."""
+
+
+ScenarioResult = (
+    Saturation | RedisMode | Realistic | RateBound | Backlog | Startup | Profile | Failed
+)
 
 
 @dataclass(frozen=True)
@@ -212,6 +225,10 @@ def _rows(name: str, result: ScenarioResult) -> list[str]:  # noqa: PLR0911 - on
                 )
                 for n, run in enumerate(runs, 1)
             ]
+        case Profile(worker=worker, path=path, own=own):
+            frames = ", ".join(f"{frame} {share:.0%}" for frame, share in own[:3])
+            note = f"sampled by py-spy, not compared; top own frames: {frames}; see {path}"
+            return [_run_row(f"profile: latency 0, {worker.tenants} tenants", worker, None, note)]
         case RedisMode(floor=floor, worker=worker, ratio=ratio):
             label = f"redis: latency 0, {worker.tenants} tenants"
             versus = result.ratio_to_saturation_worker

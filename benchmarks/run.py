@@ -58,9 +58,11 @@ from aio_pika.exceptions import AMQPError
 
 from benchmarks.measure import AMQP_URL, RECONNECT_TIMEOUT, Bench, Program, RunResult, RunSpec
 from benchmarks.processes import ROOT, SimulatorProcess
+from benchmarks.profile import write_summary
 from benchmarks.report import (
     Backlog,
     Failed,
+    Profile,
     RateBound,
     Realistic,
     RedisMode,
@@ -71,7 +73,7 @@ from benchmarks.report import (
     targets,
 )
 
-SCENARIOS = ("startup", "saturation", "redis", "realistic", "rate-bound", "backlog")
+SCENARIOS = ("startup", "saturation", "profile", "redis", "realistic", "rate-bound", "backlog")
 #: No binding limit (3,000/s per tenant is the setting's maximum) and generous concurrency.
 SATURATION = RunSpec(
     "worker", 10_000, tenants=4, simulator_latency=0.0, in_flight=64, rate_limit=3000
@@ -180,6 +182,21 @@ async def saturation(session: Session) -> ScenarioResult:
     return Saturation.of(runs)
 
 
+async def profile(session: Session) -> ScenarioResult:
+    raw = session.bench.logs / "profile-worker.pyspy"
+    spec = dataclasses.replace(
+        SATURATION, commands=session.commands or SATURATION.commands, profile_to=raw
+    )
+    worker = await session.run("profile-worker", spec)
+    output = session.bench.logs.parent / "profile.md"
+    title = f"py-spy profile of the worker at saturation ({spec.commands:,} commands)"
+    summary = write_summary(raw, output, title)
+    working = max(1, summary.samples - summary.idle)
+    own = [(frame, n / working) for frame, n in summary.own]
+    shown = output.relative_to(ROOT) if output.is_relative_to(ROOT) else output
+    return Profile(worker, str(shown), summary.samples, own)
+
+
 async def redis(session: Session) -> ScenarioResult:
     spec = dataclasses.replace(
         SATURATION, commands=session.commands or SATURATION.commands, redis_url=session.redis_url
@@ -277,6 +294,7 @@ async def backlog(session: Session) -> ScenarioResult:
 _SCENARIO_FUNCTIONS: dict[str, Scenario] = {
     "startup": startup,
     "saturation": saturation,
+    "profile": profile,
     "redis": redis,
     "realistic": realistic,
     "rate-bound": rate_bound,
