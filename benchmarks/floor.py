@@ -10,7 +10,7 @@ this program's, measured in the same run.
 HTTP client: aiohttp, with one keep-alive connector of `GRAPH_MAX_IN_FLIGHT` connections,
 trusting only `SSL_CERT_FILE`. Event loop: the worker's default (uvloop), or what
 `EVENT_LOOP` says. It reads the worker's own environment variables, prints
-``{"event": "worker.ready"}`` once consuming, and stops on SIGTERM.
+``{"event": "worker.ready", "event_loop": ...}`` once consuming, and stops on SIGTERM.
 
 Run: ``python -m benchmarks.floor`` (the benchmark starts it; it is not meant for production).
 """
@@ -105,7 +105,8 @@ async def main() -> int:
             queue = await consume_channel.get_queue(env["COMMAND_QUEUE"], ensure=False)
             floor = Floor(http, env["GRAPH_BASE_URL"], token, outcomes)
             await queue.consume(floor.on_message)
-            print(json.dumps({"event": "worker.ready"}), flush=True)
+            ready = {"event": "worker.ready", "event_loop": type(loop).__module__.split(".")[0]}
+            print(json.dumps(ready), flush=True)
             await stop.wait()
     return 0
 
