@@ -104,11 +104,13 @@ def _working(total: Counter[str], top: int) -> list[tuple[str, int]]:
     """The heaviest frames on the stack below the event loop's own (which hold everything)."""
     skip = (
         "run (asyncio/",
+        "Runner.run (asyncio/",
         "run_forever (asyncio/",
         "_run_once (asyncio/",
         "_run (asyncio/",
         "<module>",
         "main (worker/cli.py)",
+        "_run (worker/cli.py)",
         "_run_module_as_main",
         "_run_code",
     )
