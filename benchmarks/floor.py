@@ -8,8 +8,9 @@ rate limits, deadlines or metrics: the benchmark reports the worker's throughput
 this program's, measured in the same run.
 
 HTTP client: aiohttp, with one keep-alive connector of `GRAPH_MAX_IN_FLIGHT` connections,
-trusting only `SSL_CERT_FILE`. It reads the worker's own environment variables, prints
-``{"event": "worker.ready"}`` once consuming, and stops on SIGTERM.
+trusting only `SSL_CERT_FILE`. Event loop: the worker's default (uvloop), or what
+`EVENT_LOOP` says. It reads the worker's own environment variables, prints
+``{"event": "worker.ready", "event_loop": ...}`` once consuming, and stops on SIGTERM.
 
 Run: ``python -m benchmarks.floor`` (the benchmark starts it; it is not meant for production).
 """
@@ -26,6 +27,8 @@ from collections.abc import Mapping
 import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+
+from worker.cli import event_loop_factory
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 
@@ -102,10 +105,15 @@ async def main() -> int:
             queue = await consume_channel.get_queue(env["COMMAND_QUEUE"], ensure=False)
             floor = Floor(http, env["GRAPH_BASE_URL"], token, outcomes)
             await queue.consume(floor.on_message)
-            print(json.dumps({"event": "worker.ready"}), flush=True)
+            ready = {"event": "worker.ready", "event_loop": type(loop).__module__.split(".")[0]}
+            print(json.dumps(ready), flush=True)
             await stop.wait()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    # The event loop the worker runs on by default (and EVENT_LOOP chooses for both alike).
+    with asyncio.Runner(
+        loop_factory=event_loop_factory(os.environ.get("EVENT_LOOP", "uvloop"))
+    ) as r:
+        raise SystemExit(r.run(main()))

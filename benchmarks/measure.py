@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import httpx
 from aio_pika.abc import AbstractRobustConnection
@@ -82,6 +83,9 @@ class RunSpec:
     """Start the worker in Redis mode against this server (``redis://host:port/db``)."""
     environment: Mapping[str, str] = field(default_factory=dict)
     """Further variables for the program, set over the benchmark's own."""
+    profile_to: Path | None = None
+    """Sample the program with py-spy while it works, into this file (py-spy's raw format).
+    The sampler shares the machine's cores: a profiled run's figures are not comparable."""
 
     def expected_outcomes(self) -> dict[str, int]:
         """Outcome events by routing key that a sound run ends with: every command valid, for
@@ -107,7 +111,7 @@ class RunResult:
     """The program's CPU use in cores, first to last outcome."""
     peak_rss_bytes: int
     latency_ms: dict[str, float]
-    """p50/p95/p99 of publish -> outcome less the simulator's latency. In a pre-loaded run
+    """p50/p95/p99/p99.9 of publish -> outcome less the simulator's latency. In a pre-loaded run
     this is mostly time spent queued."""
     outcomes: dict[str, int]
     """Outcome events by routing key."""
@@ -143,7 +147,7 @@ class RunResult:
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    """Nearest-rank p50, p95 and p99, in milliseconds."""
+    """Nearest-rank p50, p95, p99 and p99.9, in milliseconds."""
     if not seconds:
         return {}
     ordered = sorted(seconds)
@@ -151,7 +155,7 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float]:
     def rank(p: float) -> float:
         return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] * 1000
 
-    return {"p50": rank(50), "p95": rank(95), "p99": rank(99)}
+    return {"p50": rank(50), "p95": rank(95), "p99": rank(99), "p99.9": rank(99.9)}
 
 
 class Bench:
@@ -244,11 +248,19 @@ class Bench:
                 pid = child.pid
                 collector.sample_with(lambda count, now: self._sample(pid, count, now))
                 await child.wait_ready()
+                sampler = None if spec.profile_to is None else await _py_spy(pid, spec.profile_to)
                 if spec.paced_rate is not None:
                     await broker.publish_paced(
                         channel, settings.command_queue, commands, spec.paced_rate, published
                     )
                 await collector.wait(IDLE_TIMEOUT, lambda: self._check_alive(child))
+                if sampler is not None and spec.profile_to is not None:
+                    sampler.send_signal(signal.SIGINT)
+                    if await sampler.wait() != 0 or not spec.profile_to.exists():
+                        raise ChildFailed(
+                            f"py-spy exited {sampler.returncode} without a profile; see "
+                            f"{_py_spy_log(spec.profile_to)}"
+                        )
                 peak_rss = memory_bytes(pid, "VmHWM")
                 if redis is not None:
                     round_trips = await _metric_total(env["HEALTH_PORT"], REDIS_ROUND_TRIPS_METRIC)
@@ -350,6 +362,36 @@ class Bench:
             harness_cpu_seconds=time.process_time(),
             machine_busy_seconds=busy_cpu_seconds(),
         )
+
+
+async def _py_spy(pid: int, output: Path) -> asyncio.subprocess.Process:
+    """py-spy sampling `pid` until it is sent SIGINT (each sample pauses it briefly).
+
+    Only the thread holding the GIL is sampled: Python code running, not threads waiting.
+    """
+    argv = [
+        str(Path(sys.executable).with_name("py-spy")),
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--rate",
+        "200",
+    ]
+    argv += ["--gil", "--output", str(output)]
+    with _fresh_output(output) as log:
+        return await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log)
+
+
+def _fresh_output(output: Path) -> IO[bytes]:
+    """No earlier profile at `output`; py-spy's own messages go to a log file beside it."""
+    output.unlink(missing_ok=True)
+    return _py_spy_log(output).open("wb")
+
+
+def _py_spy_log(output: Path) -> Path:
+    return output.with_name(output.name + ".log")
 
 
 def _free_port() -> int:

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 from benchmarks.measure import RunResult
 
 MIB = 1024 * 1024
+#: The worker's saturation throughput over the floor's, at least.
+SATURATION_TARGET = 0.9
+#: In Redis mode, over the floor's (which has no Redis), at least.
+REDIS_TARGET = 0.75
+#: The worker's p99 latency at half of its saturation load over the floor's, at most.
+ADDED_P99_TARGET_MS = 20.0
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,27 @@ class Failed:
     error: str
 
 
+@dataclass(frozen=True)
+class Profile:
+    worker: RunResult
+    """The profiled run: py-spy shared the cores, so its figures are not compared."""
+    path: str
+    """The summary's file (markdown), beside the results."""
+    samples: int
+    own: list[tuple[str, float]]
+    """The frames with the most own samples, and their share of the working samples."""
+
+
 ScenarioResult = (
-    Saturation | RedisMode | Realistic | RateBound | Backlog | Startup | TracingCost | Failed
+    Saturation
+    | RedisMode
+    | Realistic
+    | RateBound
+    | Backlog
+    | Startup
+    | TracingCost
+    | Profile
+    | Failed
 )
 
 
@@ -149,9 +174,19 @@ def targets(scenarios: Mapping[str, ScenarioResult]) -> list[Target]:
             case Saturation(ratio=ratio, worker_rate=worker, floor_rate=floor):
                 found.append(
                     Target(
-                        "Saturation throughput ≥ 0.8 x floor (means of 2 runs each)",
+                        f"Saturation throughput ≥ {SATURATION_TARGET} x floor "
+                        "(means of 2 runs each)",
                         f"{ratio:.2f} x ({worker:,.0f} / {floor:,.0f} cmds/s)",
-                        ratio >= 0.8,
+                        ratio >= SATURATION_TARGET,
+                    )
+                )
+            case RedisMode(ratio=ratio, worker=worker, floor=floor):
+                found.append(
+                    Target(
+                        f"Redis mode throughput ≥ {REDIS_TARGET} x floor",
+                        f"{ratio:.2f} x ({worker.cmds_per_second:,.0f} / "
+                        f"{floor.cmds_per_second:,.0f} cmds/s)",
+                        ratio >= REDIS_TARGET,
                     )
                 )
             case RateBound(limit=limit, achieved_rate=achieved, busiest_window=busiest):
@@ -169,13 +204,16 @@ def targets(scenarios: Mapping[str, ScenarioResult]) -> list[Target]:
                         busiest <= limit,
                     )
                 )
-            case Realistic(worker=worker, floor=floor):
-                p99 = worker.latency_ms["p99"]
+            case Realistic(worker=worker, floor=floor, added_p99_over_floor_ms=extra):
                 found.append(
                     Target(
-                        "Latency added by the worker at half of saturation load: p99 ≤ 20 ms",
-                        f"{p99:.1f} ms (floor {floor.latency_ms['p99']:.1f} ms)",
-                        p99 <= 20.0,
+                        "p99 latency at half of saturation load ≤ the floor's p99 "
+                        f"+ {ADDED_P99_TARGET_MS:.0f} ms",
+                        f"{extra:+.1f} ms (worker {worker.latency_ms['p99']:.1f} ms, floor "
+                        f"{floor.latency_ms['p99']:.1f} ms; p99.9 worker "
+                        f"{worker.latency_ms['p99.9']:.1f} ms, floor "
+                        f"{floor.latency_ms['p99.9']:.1f} ms)",
+                        extra <= ADDED_P99_TARGET_MS,
                     )
                 )
             case Backlog():
@@ -216,7 +254,7 @@ def _run_row(scenario: str, run: RunResult, ratio: float | None, note: str) -> s
         _number(run.cmds_per_second),
         "-" if ratio is None else f"{ratio:.2f}",
         _number(run.cpu_seconds_per_1000, 2),
-        *(_number(latency.get(p, math.nan), 1) for p in ("p50", "p95", "p99")),
+        *(_number(latency.get(p, math.nan), 1) for p in ("p50", "p95", "p99", "p99.9")),
         _number(run.peak_rss_bytes / MIB, 1),
         note,
     )
@@ -258,6 +296,10 @@ def _rows(name: str, result: ScenarioResult) -> list[str]:  # noqa: PLR0911 - on
                 )
                 for n, run in enumerate(runs, 1)
             ]
+        case Profile(worker=worker, path=path, own=own):
+            frames = ", ".join(f"{frame} {share:.0%}" for frame, share in own[:3])
+            note = f"sampled by py-spy, not compared; top own frames: {frames}; see {path}"
+            return [_run_row(f"profile: latency 0, {worker.tenants} tenants", worker, None, note)]
         case RedisMode(floor=floor, worker=worker, ratio=ratio):
             label = f"redis: latency 0, {worker.tenants} tenants"
             versus = result.ratio_to_saturation_worker
@@ -294,11 +336,11 @@ def _rows(name: str, result: ScenarioResult) -> list[str]:  # noqa: PLR0911 - on
         case Startup(seconds=seconds, median_seconds=median, max_seconds=worst):
             each = ", ".join(f"{s:.2f}" for s in seconds)
             note = f"start → ready: median {median:.2f} s, max {worst:.2f} s ({each})"
-            return [_row(f"start-up: {len(seconds)} starts", "worker", *[""] * 8, note)]
+            return [_row(f"start-up: {len(seconds)} starts", "worker", *[""] * 9, note)]
         case TracingCost(runs=runs, rates=rates):
             return _tracing_rows(result, runs, rates["off"])
         case Failed(error=error):
-            return [_row(name, "-", *[""] * 8, f"ERROR: {error}")]
+            return [_row(name, "-", *[""] * 9, f"ERROR: {error}")]
 
 
 def _tracing_rows(result: TracingCost, runs: list[TracedRun], off: float) -> list[str]:
@@ -325,7 +367,7 @@ def _tracing_rows(result: TracingCost, runs: list[TracedRun], off: float) -> lis
             "worker",
             *[""] * 3,
             f"{result.noop_us_per_command / 1000:.4f}",
-            *[""] * 4,
+            *[""] * 5,
             f"{result.noop_us_per_command:.1f} µs of CPU per command without a traceparent, "
             f"{result.noop_traceparent_us_per_command:.1f} µs with one (timed in a loop: "
             "benchmarks/noop_tracing.py)",
@@ -338,8 +380,8 @@ def table(scenarios: Mapping[str, ScenarioResult], found: list[Target]) -> str:
     """Markdown: one row per measured run, then the targets."""
     lines = [
         "| Scenario | Program | Commands | cmds/s | x floor | CPU s/1000 | p50 ms | p95 ms "
-        "| p99 ms | Peak RSS MiB | Notes |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| p99 ms | p99.9 ms | Peak RSS MiB | Notes |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for name, result in scenarios.items():
         lines += _rows(name, result)

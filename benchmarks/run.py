@@ -64,9 +64,11 @@ from aio_pika.exceptions import AMQPError
 from benchmarks import noop_tracing
 from benchmarks.measure import AMQP_URL, RECONNECT_TIMEOUT, Bench, Program, RunResult, RunSpec
 from benchmarks.processes import ROOT, SimulatorProcess
+from benchmarks.profile import write_summary
 from benchmarks.report import (
     Backlog,
     Failed,
+    Profile,
     RateBound,
     Realistic,
     RedisMode,
@@ -84,6 +86,7 @@ SCENARIOS = (
     "startup",
     "saturation",
     "tracing",
+    "profile",
     "redis",
     "realistic",
     "rate-bound",
@@ -240,6 +243,21 @@ async def tracing(session: Session) -> ScenarioResult:
     )
 
 
+async def profile(session: Session) -> ScenarioResult:
+    raw = session.bench.logs / "profile-worker.pyspy"
+    spec = dataclasses.replace(
+        SATURATION, commands=session.commands or SATURATION.commands, profile_to=raw
+    )
+    worker = await session.run("profile-worker", spec)
+    output = session.bench.logs.parent / "profile.md"
+    title = f"py-spy profile of the worker at saturation ({spec.commands:,} commands)"
+    summary = write_summary(raw, output, title)
+    working = max(1, summary.samples - summary.idle)
+    own = [(frame, n / working) for frame, n in summary.own]
+    shown = output.relative_to(ROOT) if output.is_relative_to(ROOT) else output
+    return Profile(worker, str(shown), summary.samples, own)
+
+
 async def redis(session: Session) -> ScenarioResult:
     spec = dataclasses.replace(
         SATURATION, commands=session.commands or SATURATION.commands, redis_url=session.redis_url
@@ -338,6 +356,7 @@ _SCENARIO_FUNCTIONS: dict[str, Scenario] = {
     "startup": startup,
     "saturation": saturation,
     "tracing": tracing,
+    "profile": profile,
     "redis": redis,
     "realistic": realistic,
     "rate-bound": rate_bound,

@@ -204,6 +204,7 @@ class Worker:
             shared_state=self.settings.redacted_redis_url(),
             health_port=self.health.port if self.health else None,
             startup_ms=round((time.monotonic() - started) * 1000, 1),
+            event_loop=event_loop_name(),
         )
 
     async def _start_shared_state(self, attempts: int | None) -> None:
@@ -263,6 +264,11 @@ class Worker:
         if self._owns_tracing and not await asyncio.to_thread(self.tracing.shutdown):
             log.warning("tracing.flush_timed_out", within=tracing.FLUSH_SECONDS)
         log.info("worker.stopped", unsettled_handed_back=left)
+
+
+def event_loop_name() -> str:
+    """The running event loop's library: "uvloop" or "asyncio" (`EVENT_LOOP`)."""
+    return type(asyncio.get_running_loop()).__module__.split(".", 1)[0]
 
 
 async def run(settings: Settings) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -29,7 +29,17 @@ def _run(_args: argparse.Namespace) -> int:
             print(f"invalid setting {where}: {error['msg']}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format, service=settings.otel_service_name)
-    return asyncio.run(app.run(settings))
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+        return runner.run(app.run(settings))
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory of the `EVENT_LOOP` chosen: uvloop's, or None for asyncio's own."""
+    if name == "uvloop":
+        import uvloop  # noqa: PLC0415 - only the commands that run the worker need it
+
+        return uvloop.new_event_loop
+    return None
 
 
 def _healthcheck(_args: argparse.Namespace) -> int:

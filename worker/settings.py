@@ -152,6 +152,8 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
     #: "json", "console", or "auto" (console on a terminal, JSON otherwise).
     log_format: str = Field("auto", validation_alias="LOG_FORMAT")
+    #: The asyncio event loop: "uvloop" (libuv; the default) or "asyncio" (the standard one).
+    event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", validation_alias="EVENT_LOOP")
     #: CloudEvents `source` of every outcome event.
     event_source: str = Field("urn:invite-worker", validation_alias="EVENT_SOURCE")
 

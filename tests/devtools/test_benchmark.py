@@ -36,6 +36,15 @@ def _runs(value: Any) -> Iterator[dict[str, Any]]:
             yield from _runs(item)
 
 
+def _ready_line(log: Path) -> dict[str, Any]:
+    """The `worker.ready` line a program (worker or floor) wrote to its log."""
+    for raw in log.read_text().splitlines():
+        if '"worker.ready"' in raw:
+            line: dict[str, Any] = json.loads(raw)
+            return line
+    raise AssertionError(f"no worker.ready line in {log}")
+
+
 @pytest.mark.timeout(300)
 def test_every_benchmark_scenario_gets_an_accepted_outcome_for_each_command(
     rabbitmq: str, tmp_path: Path
@@ -66,6 +75,20 @@ def test_every_benchmark_scenario_gets_an_accepted_outcome_for_each_command(
     assert traced[None]["spans"] == 0
     assert traced[1.0]["spans"] == 5 * traced[1.0]["run"]["commands"]
     assert "no-op tracer" in (tmp_path / "latest.md").read_text()
+
+    # The floor runs on the event loop the worker runs on by default: uvloop speeds aio-pika
+    # and aiohttp in both, and the ratio compares like with like.
+    logs = [
+        log for log in (tmp_path / "logs").glob("*.log") if log.stem.endswith(("-worker", "-floor"))
+    ]
+    loops = {log.stem: _ready_line(log)["event_loop"] for log in logs}
+    assert {stem.rsplit("-", 1)[1] for stem in loops} == {"worker", "floor"}, sorted(loops)
+    assert set(loops.values()) == {"uvloop"}, loops
+
+    # The profile of the worker at saturation: its top frames, written beside the results.
+    profile = (tmp_path / "profile.md").read_text()
+    assert "| Own % | Frame" in profile
+    assert "| Total % | Frame" in profile
 
     redis = scenarios["redis"]
     assert redis["floor"]["redis"] is None

@@ -59,3 +59,18 @@ def test_standard_library_log_records_use_the_same_json_shape() -> None:
     assert line["event"] == "connection lost to broker"
     assert line["level"] == "warning"
     assert line["logger"] == "aio_pika"
+
+
+def test_a_lone_surrogate_from_a_command_still_makes_a_json_line() -> None:
+    # JSON lets a command carry "\ud800", which orjson (the fast encoder) refuses.
+    line = render(command_id="c-\ud800", call_id="caf\u00e9")
+    assert line["command_id"] == "c-\ud800"
+    assert line["call_id"] == "caf\u00e9"
+
+
+def test_values_json_cannot_encode_are_written_as_their_repr() -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            return "opaque-value"
+
+    assert render(thing=Opaque())["thing"] == "opaque-value"

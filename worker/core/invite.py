@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import orjson
+
 from worker.core.commands import Command
 from worker.core.errors import GraphAmbiguous, GraphRefused
 from worker.core.retry import AMBIGUOUS_STATUSES, parse_retry_after
@@ -75,10 +77,17 @@ def interpret(status: int, headers: Mapping[str, str], body: bytes) -> GraphAcce
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        document = json.loads(body) if body else {}
-    except (ValueError, RecursionError):
+    if not body:
         return {}
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # What orjson refuses and the standard library reads (NaN, a lone surrogate): only
+        # string fields are read from it, which both parse alike.
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            return {}
     return document if isinstance(document, dict) else {}
 
 

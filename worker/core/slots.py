@@ -53,6 +53,20 @@ class FairSlots:
         def lost() -> bool:
             return owner is not None and owner.lost
 
+        if not self._waiting and not lost() and self._may_take(tenant_id):
+            # Nobody waits: the slot is taken without the condition's lock, and given back
+            # with a notification only if someone has started waiting meanwhile.
+            self._held[tenant_id] += 1
+            self._in_use += 1
+            try:
+                yield
+            finally:
+                self._held[tenant_id] -= 1
+                self._in_use -= 1
+                if self._waiting:
+                    async with self._changed:
+                        self._changed.notify_all()
+            return
         async with self._changed:
             self._waiting[tenant_id] += 1
             try:

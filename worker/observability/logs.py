@@ -8,12 +8,14 @@ must never reach a log line, whoever wrote the line: secrets by key, phone numbe
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 from worker import __version__
@@ -60,6 +62,19 @@ def redact_processor(
     return event_dict
 
 
+def _dumps(event: Any, **kwargs: Any) -> str:
+    """A log line as JSON: orjson, or the standard library's for what orjson refuses.
+
+    orjson is several times faster than `json.dumps` for the canonical line; it refuses
+    strings with lone surrogates (which a JSON command may carry), and those lines are
+    written by the standard library's encoder, escaped.
+    """
+    try:
+        return orjson.dumps(event, default=kwargs.get("default")).decode()
+    except TypeError:
+        return json.dumps(event, **kwargs)
+
+
 def service_processor(service: str, version: str) -> Any:
     """Adds the service's name and version to every line, whoever wrote it."""
 
@@ -85,7 +100,7 @@ def configure(
     stream = stream or sys.stdout
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if as_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )

@@ -14,6 +14,7 @@ classes here keep the call sites short
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import prometheus_client
 from prometheus_client import (
@@ -39,10 +40,22 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 class _Metric:
     """One metric of the registry; the label values are given positionally."""
 
+    _metric: Any
+
     def __init__(self, name: str, label_names: Sequence[str], registry: CollectorRegistry):
         self.name = name
         self._labels = tuple(label_names)
         self._registry = registry
+        #: prometheus_client's child of each label tuple, looked up there once: its `labels()`
+        #: takes a lock and checks the values on every call.
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, labels: tuple[str, ...]) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._metric.labels(*labels) if labels else self._metric
+            self._children[labels] = child
+        return child
 
     def _sample(self, name: str, labels: tuple[str, ...]) -> float:
         labelled = dict(zip(self._labels, labels, strict=True))
@@ -66,7 +79,7 @@ class Counter(_Metric):
         )
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        (self._metric.labels(*labels) if labels else self._metric).inc(amount)
+        self._child(labels).inc(amount)
 
     def value(self, *labels: str) -> float:
         return self._sample(self.name, labels)
@@ -89,9 +102,8 @@ class Histogram(_Metric):
 
     def observe(self, value: float, *labels: str) -> None:
         """Observe `value`; while a span is recorded, with its trace id as the exemplar."""
-        metric = self._metric.labels(*labels) if labels else self._metric
         trace_id = recording_trace_id()
-        metric.observe(value, exemplar={"trace_id": trace_id} if trace_id else None)
+        self._child(labels).observe(value, exemplar={"trace_id": trace_id} if trace_id else None)
 
     def count(self, *labels: str) -> int:
         return int(self._sample(f"{self.name}_count", labels))
