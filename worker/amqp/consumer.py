@@ -446,10 +446,7 @@ class CommandConsumer:
                 if span.is_recording():
                     span.set_attributes(
                         {
-                            "messaging.system": "rabbitmq",
-                            "messaging.operation.type": "send",
-                            "messaging.operation.name": "publish",
-                            "messaging.destination.name": self._settings.outcome_exchange,
+                            **_publish_attributes(self._settings.outcome_exchange),
                             "messaging.rabbitmq.destination.routing_key": event.type.value,
                             "messaging.message.id": event.id,
                             "cloudevents.event_id": event.id,
@@ -499,10 +496,7 @@ class CommandConsumer:
             if span.is_recording():
                 span.set_attributes(
                     {
-                        "messaging.system": "rabbitmq",
-                        "messaging.operation.type": "send",
-                        "messaging.operation.name": "publish",
-                        "messaging.destination.name": queue,
+                        **_publish_attributes(queue),
                         "invite.retry_in_s": handled.retry_in,
                     }
                 )
@@ -595,6 +589,16 @@ class CommandConsumer:
             if isinstance(data, RejectedData) and data.problems
             else None,
         )
+
+
+def _publish_attributes(destination: str) -> dict[str, str]:
+    """A publish span's messaging attributes (the conventions' names), for `destination`."""
+    return {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+        "messaging.destination.name": destination,
+    }
 
 
 def _annotate(span: Span, handled: Handled, settlement: Settlement) -> None:
