@@ -34,7 +34,7 @@ from worker.core.errors import SharedStateUnavailable
 from worker.core.handler import HandlerConfig, InviteHandler
 from worker.core.ports import TokenProvider
 from worker.core.retry import RetryPolicy
-from worker.fleet import RedisSharedState
+from worker.fleet import RedisSharedState, packing_connection
 from worker.graph.client import GraphClient
 from worker.graph.tokens import MsalTokenProvider
 from worker.observability import tracing
@@ -91,6 +91,7 @@ def shared_state(settings: Settings, metrics: Metrics) -> RedisSharedState | Non
         health_check_interval=30,
         client_name="invite-worker",
     )
+    pool.connection_class = packing_connection(pool.connection_class)
     client = aioredis.Redis(connection_pool=pool)
     return RedisSharedState(
         client,

@@ -18,19 +18,21 @@ of the last second across the fleet, and `<prefix>tenant:<id>:state` holds a 429
 reduced limit that grows back after it, and the one probe request allowed before it does.
 
 Everything that must be atomic is one Lua script run by Redis, with Redis's own clock, so
-the pods' clocks need not agree. On the happy path a command costs two round trips: the claim
+the pods' clocks need not agree. On the happy path a command costs two script calls, which
+`worker.fleet.pipelining` sends together with the other calls of the same turn of the event
+loop (so at most two round trips, fewer under load): the claim
 with its grant (`begin_send`), then `settle` with the outcome event, written *before* the event
 is published, so that a process killed between the broker's confirmation and the
 acknowledgement leaves a record whose redelivery publishes the same event again, not an
 ambiguous second one. The confirmation that follows (`settle(..., confirmed=True)`) only
-empties the remembered event, and costs no round trip of its own: the next `begin_send` or
+empties the remembered event, and costs no call of its own: the next `begin_send` or
 `settle` script carries the confirmations that came in since the last one, and the lease
 renewal writes those that no command carried (an idle process, at most a third of
 `REDIS_LEASE` later; until then a redelivery publishes the same event again). A grant is
 stamped when it is taken, right before the request is written; a request written later than
 the window's margin after its grant (a new connection) is not re-stamped, which the margin
 absorbs: 60 ms, wider than the single process's 20 ms, because the grant comes a Redis reply
-and a turn of the event loop before the write, a gap measured at up to 80 ms on a busy
+and two turns of the event loop before the write, a gap measured at up to 80 ms on a busy
 two-core node.
 
 When Redis does not answer, `begin_send` raises `SharedStateUnavailable` (nothing is sent
@@ -58,6 +60,7 @@ from worker.core.commands import Command
 from worker.core.errors import SharedStateUnavailable
 from worker.core.outcomes import OutcomeEvent
 from worker.core.ports import ClaimVerdict, SendClaim
+from worker.fleet.pipelining import AutoPipeline
 from worker.observability.metrics import Metrics
 
 log = structlog.get_logger("worker.fleet")
@@ -234,11 +237,12 @@ class RedisSharedState:
         self._metrics = metrics or Metrics()
         self.owner = owner or process_id()
         self._owner_key = f"{prefix}owner:{self.owner}"
-        self._begin_send = client.register_script(_BEGIN_SEND)
-        self._release = client.register_script(_RELEASE)
-        self._throttle = client.register_script(_THROTTLE)
-        self._settle = client.register_script(_SETTLE)
-        self._confirm = client.register_script(_CONFIRM)
+        self._pipeline = AutoPipeline(client, self._metrics)
+        self._begin_send = self._script(_BEGIN_SEND)
+        self._release = self._script(_RELEASE)
+        self._throttle = self._script(_THROTTLE)
+        self._settle = self._script(_SETTLE)
+        self._confirm = self._script(_CONFIRM)
         #: Confirmations not yet written (record, tenant state, fingerprint, command id): the
         #: next script call carries them, or the lease renewal when none comes before it.
         self._confirming: list[tuple[str, str, str, str]] = []
@@ -248,6 +252,10 @@ class RedisSharedState:
         self._pending: deque[tuple[str, Callable[[], Awaitable[Any]]]] = deque()
         self._renewer: asyncio.Task[None] | None = None
         self._grants = 0
+
+    def _script(self, source: str) -> Callable[..., Awaitable[Any]]:
+        """Run `source` (keys=, args=) in the pipeline of the current turn of the loop."""
+        return functools.partial(self._pipeline.call, self._redis.register_script(source))
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -278,6 +286,7 @@ class RedisSharedState:
             await self._call(
                 "lease", self._redis.set(self._owner_key, "1", px=self._ms(self._lease))
             )
+            self._metrics.redis_round_trips.inc()
             self._queue_confirms()
             await self._flush()
         except SharedStateUnavailable:
@@ -291,7 +300,7 @@ class RedisSharedState:
         while self._pending:
             operation, write = self._pending[0]
             await write()
-            self._metrics.redis_round_trips.inc(operation)
+            self._metrics.redis_calls.inc(operation)
             self._pending.popleft()
 
     # --- availability ---------------------------------------------------------------------
@@ -322,7 +331,7 @@ class RedisSharedState:
         except (RedisError, OSError) as exc:
             self._went_away(operation, exc)
             raise SharedStateUnavailable(f"redis: {type(exc).__name__}") from exc
-        self._metrics.redis_round_trips.inc(operation)
+        self._metrics.redis_calls.inc(operation)
         return result
 
     async def _write(self, operation: str, write: Callable[[], Awaitable[Any]]) -> None:
@@ -423,9 +432,9 @@ class RedisSharedState:
             return
         _, confirm_keys, confirm_args = self._take_confirms()
         keys = [record, state, *confirm_keys]
-        args: list[str | int] = [
+        args: list[str | int | bytes] = [
             command.fingerprint().hex(),
-            event.to_json().decode(),
+            event.to_json(),
             self._ttl_ms,
             command.command_id,
             *confirm_args,

@@ -200,10 +200,16 @@ class Metrics:
             registry=registry,
         )
 
+        self.redis_calls = Counter(
+            "invite_redis_calls_total",
+            "Calls to the fleet's shared state (Redis), by operation; the calls made in one "
+            "turn of the event loop share a round trip.",
+            ("operation",),
+            registry=registry,
+        )
         self.redis_round_trips = Counter(
             "invite_redis_round_trips_total",
-            "Round trips to the fleet's shared state (Redis), by operation.",
-            ("operation",),
+            "Round trips to the fleet's shared state (Redis): pipelines of calls, lease renewals.",
             registry=registry,
         )
         self.redis_errors = Counter(
