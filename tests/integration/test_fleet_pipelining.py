@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT
 
 from tests.support.redis_server import spare_port, start_redis
 from worker.fleet import AutoPipeline, packing_connection
@@ -82,7 +83,7 @@ async def test_scripts_a_restarted_redis_lost_are_loaded_and_run_once_each(
             pipeline.call(counter, ["runs"], []),
             pipeline.call(echo, ["b"], ["2"]),
         )
-        assert replies == ["a=1", 1, "b=2"]
+        assert list(replies) == ["a=1", 1, "b=2"]
         assert await client.get("runs") == "1"
         await client.script_flush()
         assert await pipeline.call(counter, ["runs"], []) == 2
@@ -120,7 +121,7 @@ async def test_a_redis_that_does_not_answer_fails_every_call_of_the_turn() -> No
         ("SET", "k", "x" * 70_000, "PX", 1000),
     ],
 )
-def test_hiredis_packs_every_command_as_redis_py_does(command: tuple[object, ...]) -> None:
+def test_hiredis_packs_every_command_as_redis_py_does(command: tuple[EncodableT, ...]) -> None:
     python = Connection()
     packing = packing_connection(Connection)()
     assert type(packing).__name__ == "HiredisConnection"
