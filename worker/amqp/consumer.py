@@ -333,9 +333,11 @@ class CommandConsumer:
         return len(self._active)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # The command runs in a task of its own, shielded from the delivery task that
-        # aio-pika cancels when the channel closes: a command whose invite is under way is
-        # finished and remembered, so that its redelivery is not sent to Graph again.
+        # The command runs in a task of its own, which this callback starts and does not
+        # await: aio-pika cancels its delivery tasks when the channel closes, and a command
+        # whose invite is under way must be finished and remembered, so that its redelivery
+        # is not sent to Graph again. (A plain function would not help: aio-pika wraps it in
+        # a coroutine that awaits what it returns.)
         ownership = Ownership()
         try:
             self._owned[ownership] = message.channel
@@ -346,7 +348,6 @@ class CommandConsumer:
         self._active.add(task)
         self._idle.clear()
         task.add_done_callback(lambda done: self._done(done, ownership))
-        await asyncio.shield(task)
 
     def _done(self, task: asyncio.Task[None], ownership: Ownership) -> None:
         self._owned.pop(ownership, None)
