@@ -162,3 +162,17 @@ async def test_a_delivery_lost_before_it_started_calls_nothing() -> None:
     lost.ownership.lose()
     abandoned_unsent(await handler(graph, tokens).handle(lost))
     assert (graph.sent, tokens.requests) == ([], [])
+
+
+async def test_a_retry_whose_delivery_is_lost_before_its_copy_is_published_counts_as_none() -> None:
+    """`invite_retries_scheduled_total{where="broker"}` counts delay-queue copies published."""
+    graph = FakeGraph(failures=[refused(429, retry_after=5.0)])
+    shared = handler(graph, RETRY_IN_PROCESS_MAX=0)
+    message = delivery()
+    result = await shared.handle(message)
+    assert result.retry_in is not None
+    message.ownership.lose()  # before the consumer published the delayed copy
+    late = await shared.abandon_if_lost(message, result)
+    assert late.abandoned
+    assert late.retry_in is None
+    assert shared.metrics.retries_scheduled.value("broker") == 0

@@ -502,7 +502,9 @@ class CommandConsumer:
                     }
                 )
             confirmed = await publisher.publish_retry(message, handled, headers)
-            if not confirmed:
+            if confirmed:
+                self._metrics.retries_scheduled.inc("broker")
+            else:
                 fail(span, "not_confirmed")
         return confirmed
 

@@ -523,7 +523,7 @@ class InviteHandler:
                 command, progress, event=event, poison=isinstance(error, RedeliveredTooOften)
             )
         if isinstance(result, _RetryLater):
-            self.metrics.retries_scheduled.inc("broker")
+            # Counted by the consumer once the delayed copy is published (`where="broker"`).
             return self._handled(
                 command,
                 progress,

@@ -166,7 +166,8 @@ class Metrics:
         )
         self.retries_scheduled = Counter(
             "invite_retries_scheduled_total",
-            "Graph requests scheduled for another attempt, by where.",
+            "Graph requests scheduled for another attempt, by where: in the process, or a "
+            "delayed copy published to a delay queue (broker).",
             ("where",),
             registry=registry,
         )
