@@ -255,7 +255,7 @@ class RedisSharedState:
 
     def _script(self, source: str) -> Callable[..., Awaitable[Any]]:
         """Run `source` (keys=, args=) in the pipeline of the current turn of the loop."""
-        return functools.partial(self._pipeline.call, self._redis.register_script(source))
+        return functools.partial(self._pipeline.call, self._pipeline.register_script(source))
 
     # --- life cycle -----------------------------------------------------------------------
 
