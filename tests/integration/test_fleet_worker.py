@@ -133,6 +133,6 @@ async def test_an_accepted_command_costs_two_calls_its_confirmation_none_of_its_
     assert {outcome.routing_key for outcome in outcomes} == {"invite.accepted"}
     assert (calls["begin_send"], calls["settle"]) == (commands, commands)
     assert calls["release"] == calls["throttle"] == calls["confirm"] == 0
-    # Calls made in one turn of the event loop share a round trip; the lease's are its own.
+    # Calls made together share a round trip; the lease's are its own.
     assert round_trips - calls["lease"] <= 2 * commands
     assert left == 1

@@ -19,8 +19,8 @@ reduced limit that grows back after it, and the one probe request allowed before
 
 Everything that must be atomic is one Lua script run by Redis, with Redis's own clock, so
 the pods' clocks need not agree. On the happy path a command costs two script calls, which
-`worker.fleet.pipelining` sends together with the other calls of the same turn of the event
-loop (so at most two round trips, fewer under load): the claim
+`worker.fleet.pipelining` sends together with the other calls made while Redis answers the
+pipeline before (so at most two round trips, fewer under load): the claim
 with its grant (`begin_send`), then `settle` with the outcome event, written *before* the event
 is published, so that a process killed between the broker's confirmation and the
 acknowledgement leaves a record whose redelivery publishes the same event again, not an
@@ -273,6 +273,7 @@ class RedisSharedState:
         with contextlib.suppress(RedisError, OSError):
             await self._flush()
             await self._redis.delete(self._owner_key)
+        await self._pipeline.aclose()
         await self._redis.aclose(close_connection_pool=True)
 
     async def _keep_lease(self) -> None:

@@ -203,8 +203,8 @@ class Metrics:
 
         self.redis_calls = Counter(
             "invite_redis_calls_total",
-            "Calls to the fleet's shared state (Redis), by operation; the calls made in one "
-            "turn of the event loop share a round trip.",
+            "Calls to the fleet's shared state (Redis), by operation; the calls made while "
+            "Redis answers one pipeline share the next round trip.",
             ("operation",),
             registry=registry,
         )
