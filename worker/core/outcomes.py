@@ -8,6 +8,7 @@ names the kind a failure ends in. Pure: no I/O.
 from __future__ import annotations
 
 import enum
+import functools
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -147,6 +148,13 @@ class OutcomeEvent(BaseModel):
         return self.type
 
     def to_json(self) -> bytes:
+        """The event as published (and, with `REDIS_URL`, as remembered): made once."""
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> bytes:
+        # Kept outside the fields (pydantic ignores it in equality); the event is frozen and
+        # never copied with changes, so it cannot go stale.
         return self.model_dump_json(by_alias=True).encode()
 
 
