@@ -13,12 +13,13 @@ local RabbitMQ and one Graph simulator process:
   ``parentbased_traceidratio`` at 1.0 and 0.1, in the order off, 1.0, 0.1, 0.1, 1.0, off: the
   throughput and CPU per command of each setting, the spans each run exported, and the no-op
   tracer's own cost per command timed in a loop (``benchmarks/noop_tracing.py``);
-* ``redis``: the saturation load once more, the floor (which has no Redis) then the worker
-  in Redis mode (``REDIS_URL``, ``REDIS_KEY_PREFIX=bench-<hex>:``): its throughput as a
-  ratio to that floor's, its CPU per command, the Redis server's commands per command (the
-  difference of ``INFO`` before and after, server-wide) and the worker's own count of Redis
-  round trips per command from its ``/metrics`` (n/a when it has none). The prefix's keys
-  are deleted afterwards;
+* ``redis``: the saturation load once more, the floor (which has no Redis), the worker without
+  Redis and the worker in Redis mode (``REDIS_URL``, ``REDIS_KEY_PREFIX=bench-<hex>:``), twice
+  each (floor, worker, Redis mode, Redis mode, worker, floor): Redis mode's mean throughput
+  as a ratio to the floor's and to the worker's without Redis, its CPU per command, the Redis
+  server's commands per command (the difference of ``INFO`` before and after, server-wide)
+  and the worker's own count of Redis round trips per command from its ``/metrics`` (n/a
+  when it has none). The prefix's keys are deleted afterwards;
 * ``realistic``: simulator latency 100 ms, eight tenants, commands published at half the
   worker's saturation throughput while it runs (floor, then worker): the latency the worker
   adds. About 22 s of commands (1,000 to 10,000), the first 2 s not counted (warm-up);
@@ -98,6 +99,15 @@ SATURATION = RunSpec(
 )
 #: Each program twice, in an order that cancels a steady drift in the machine's load.
 SATURATION_ORDER: tuple[Program, ...] = ("floor", "worker", "worker", "floor")
+#: The redis scenario's runs: each program, and whether it runs in Redis mode.
+REDIS_ORDER: tuple[tuple[Program, bool], ...] = (
+    ("floor", False),
+    ("worker", False),
+    ("worker", True),
+    ("worker", True),
+    ("worker", False),
+    ("floor", False),
+)
 #: Tracing off (no exporter), on with every trace sampled, on with one in ten; then mirrored.
 TRACING_ORDER: tuple[float | None, ...] = (None, 1.0, 0.1, 0.1, 1.0, None)
 #: Seconds of commands: the first few warm up (connections, tokens) and are not counted.
@@ -262,16 +272,14 @@ async def redis(session: Session) -> ScenarioResult:
     spec = dataclasses.replace(
         SATURATION, commands=session.commands or SATURATION.commands, redis_url=session.redis_url
     )
-    floor_spec = dataclasses.replace(spec, program="floor", redis_url=None)
-    floor = await session.run("redis-floor", floor_spec)
-    worker = await session.run("redis-worker", spec)
-    without = session.results.get("saturation")
-    return RedisMode(
-        floor,
-        worker,
-        worker.cmds_per_second / floor.cmds_per_second,
-        worker.cmds_per_second / without.worker_rate if isinstance(without, Saturation) else None,
-    )
+    runs = []
+    for n, (program, shared) in enumerate(REDIS_ORDER, 1):
+        run_spec = dataclasses.replace(
+            spec, program=program, redis_url=spec.redis_url if shared else None
+        )
+        label = f"{program}-redis" if shared else program
+        runs.append(await session.run(f"redis-{n}-{label}", run_spec))
+    return RedisMode.of(runs)
 
 
 async def realistic(session: Session) -> ScenarioResult:

@@ -90,15 +90,19 @@ def test_every_benchmark_scenario_gets_an_accepted_outcome_for_each_command(
     assert "| Own % | Frame" in profile
     assert "| Total % | Frame" in profile
 
+    # The redis scenario: the floor and the worker without Redis, and Redis mode, twice each.
     redis = scenarios["redis"]
-    assert redis["floor"]["redis"] is None
-    use = redis["worker"]["redis"]
-    assert use["url"] == run.REDIS_URL
-    assert use["key_prefix"].startswith("bench-")
-    assert use["key_prefix"].endswith(":")
-    assert use["commands"] >= 0
-    assert RedisServer(run.REDIS_URL).keys(use["key_prefix"]) == []
+    runs = redis["runs"]
+    modes = [(r["program"], r["redis"] is not None) for r in runs]
+    assert modes == list(run.REDIS_ORDER)
+    for use in (r["redis"] for r in runs if r["redis"] is not None):
+        assert use["url"] == run.REDIS_URL
+        assert use["key_prefix"].startswith("bench-")
+        assert use["key_prefix"].endswith(":")
+        assert use["commands"] >= 0
+        assert RedisServer(run.REDIS_URL).keys(use["key_prefix"]) == []
     assert redis["ratio"] > 0
+    assert redis["ratio_to_worker_without"] > 0
     markdown = (tmp_path / "latest.md").read_text()
     assert "Redis commands/command" in markdown
     assert "round trips/command" in markdown
@@ -154,5 +158,6 @@ def test_the_redis_scenario_reads_the_round_trips_counter_from_the_workers_metri
 
     assert code == 0
     document = json.loads((tmp_path / "latest.json").read_text())
-    assert document["scenarios"]["redis"]["worker"]["redis_round_trips"] == 20
+    runs = document["scenarios"]["redis"]["runs"]
+    assert [r["redis_round_trips"] for r in runs if r["redis"] is not None] == [20, 20]
     assert "round trips/command 1.00" in (tmp_path / "latest.md").read_text()
